@@ -1,0 +1,152 @@
+"""`llama-ctx` command line: methods, inspect, demo, eval, sweep.
+
+Each subcommand lives with the code it drives and exposes `add_parser(subparsers)`, which sets `func`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import LlamaCtxError
+
+# module that provides `add_parser` for each subcommand (imported lazily: `llama-ctx methods` stays fast)
+SUBCOMMANDS = {
+    "methods": "llama_ctx.cli",
+    "inspect": "llama_ctx.cli",
+}
+
+
+def _methods_parser(sub):
+    p = sub.add_parser("methods", help="list every method, its kind and parameters")
+    p.set_defaults(func=_methods)
+
+
+def _methods(args) -> None:
+    from .registry import methods
+
+    rows = methods()
+    width = max(len(r["name"]) for r in rows)
+    for kind in ("rope", "attention"):
+        print(f"{kind} methods")
+        for r in (r for r in rows if r["kind"] == kind):
+            alias = f" (alias {', '.join(r['aliases'])})" if r["aliases"] else ""
+            params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+            print(f"  {r['name']:<{width}}  {r['description']}{alias}\n  {'':<{width}}  params: {params}")
+        print()
+
+
+def _inspect_parser(sub):
+    p = sub.add_parser("inspect", help="per-dimension RoPE wavelengths before/after a rope method")
+    p.add_argument("model", nargs="?", default=None, help="local model folder or .gguf file (default: SmolLM2)")
+    p.add_argument("--gguf-file", default=None)
+    p.add_argument("--method", default=None, help="rope method name; omitted: the model's own frequencies")
+    p.add_argument("--plot", default=None, help="write a PNG of the wavelengths here")
+    p.set_defaults(func=_inspect)
+
+
+def _inspect(args, extra: list[str]) -> None:
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from .io import SMOLLM2_GGUF, smollm2_dir
+    from .rope.base import RopeSpec
+    from .rope.inspect import format_table, inspect_rope, plot
+
+    path, gguf = (args.model, args.gguf_file) if args.model else (smollm2_dir(), SMOLLM2_GGUF)
+    path = Path(path)
+    if path.suffix == ".gguf":
+        path, gguf = path.parent, path.name
+    config = AutoConfig.from_pretrained(path, gguf_file=gguf, local_files_only=True) if gguf else \
+        AutoConfig.from_pretrained(path, local_files_only=True)
+    params = parse_params(extra)
+    rows = inspect_rope(config, args.method, **params)
+    window = RopeSpec.from_config(config).trained_window
+    print(format_table(rows, window))
+    if args.plot:
+        plot(rows, window, args.plot, title=f"{args.method or 'stock'} {params or ''}")
+        print(f"plot written to {args.plot}")
+
+
+def parse_value(text: str):
+    """'4' -> 4, '0.5' -> 0.5, 'true' -> True, anything else stays a string."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_params(extra: list[str]) -> dict:
+    """`--factor 4 --beta-fast 16` (or `--factor=4`) -> {"factor": 4, "beta_fast": 16}."""
+    params, key = {}, None
+    for tok in extra:
+        if tok.startswith("--"):
+            key, _, val = tok[2:].replace("-", "_").partition("=")
+            if val:
+                params[key], key = parse_value(val), None
+        elif key is not None:
+            params[key], key = parse_value(tok), None
+        else:
+            raise LlamaCtxError(f"unexpected argument {tok!r}; method parameters are given as --name value")
+    if key is not None:
+        raise LlamaCtxError(f"--{key} needs a value")
+    return params
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llama-ctx", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module in SUBCOMMANDS.items():
+        if module == __name__:
+            {"methods": _methods_parser, "inspect": _inspect_parser}[name](sub)
+        else:
+            importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def split_method_params(argv: list[str], known: set[str]) -> tuple[list[str], list[str]]:
+    """Separate `--name value` pairs that are not options of the command (method parameters) from the rest."""
+    rest, extra, i = [], [], 0
+    while i < len(argv):
+        tok = argv[i]
+        name = tok.split("=", 1)[0]
+        if tok.startswith("--") and name not in known:
+            takes_value = "=" not in tok and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            extra += argv[i:i + 1 + takes_value]
+            i += 1 + takes_value
+        else:
+            rest.append(tok)
+            i += 1
+    return rest, extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if argv[:1] == ["inspect"]:
+        argv, extra = split_method_params(argv, {"--gguf-file", "--method", "--plot", "--help", "-h"})
+    args, unknown = parser.parse_known_args(argv)
+    extra += unknown
+    try:
+        if args.command == "inspect":
+            args.func(args, extra)
+        else:
+            if extra:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            args.func(args)
+    except LlamaCtxError as e:
+        print(f"llama-ctx: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
