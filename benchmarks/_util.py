@@ -1,0 +1,32 @@
+"""Shared helpers for the benchmark scripts: a small random LLaMA and interleaved best-of-N timing."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+SMALL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=1024, max_position_embeddings=1024)
+
+
+def small_llama(seed: int = 0, attn_implementation: str = "sdpa", **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**SMALL, **overrides}))
+    model.config._attn_implementation = attn_implementation
+    return model.eval()
+
+
+def best_times(fns: dict, repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Best wall time of each callable, running them interleaved so machine noise hits all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
