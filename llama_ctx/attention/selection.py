@@ -98,6 +98,18 @@ def _rotate(x, positions, inv_freq, scaling):
     return x * cos + rotate_half(x) * sin
 
 
+def _scores(q, k):
+    """(B, Hkv, g, T, d) x (B, Hkv, N, d) -> (B, Hkv, g, T, N), without copying k for each of the g heads."""
+    B, Hkv, g, T, d = q.shape
+    return (q.reshape(B, Hkv, g * T, d) @ k.transpose(-1, -2)).view(B, Hkv, g, T, -1)
+
+
+def _mix(probs, v):
+    """(B, Hkv, g, T, N) x (B, Hkv, N, d) -> (B, Hkv, g, T, d)."""
+    B, Hkv, g, T, N = probs.shape
+    return (probs.reshape(B, Hkv, g * T, N) @ v).view(B, Hkv, g, T, -1)
+
+
 class _BlockSums:
     """Per-block key sums (B, Hkv, nb, d, float32) and counts (B, nb) for the keys of one cache layer."""
 
@@ -209,11 +221,11 @@ class _Selection(AttentionMethod):
             always = window | (causal & (key_pos[:, None, :] < p.sink_tokens)) | (rel == 0)  # rel == 0: pad query
             visible = always[:, None] | self._select_dense(p, group[:, :, c], k, means, key_pos, q_pos[:, c],
                                                            causal, rel)
-            near = q_near[:, :, :, c] @ k_near[:, :, None].transpose(-1, -2)  # (B, Hkv, g, C, N)
-            far = q_far[:, :, :, c] @ k[:, :, None].transpose(-1, -2)
+            near = _scores(q_near[:, :, :, c], k_near)  # (B, Hkv, g, C, N)
+            far = _scores(q_far[:, :, :, c], k)
             logits = torch.where(window[:, None, None], near, far) * scale
             logits = logits.masked_fill(~visible[:, :, None], float("-inf"))
-            out[:, :, :, c] = torch.softmax(logits.float(), dim=-1).to(v.dtype) @ v[:, :, None]
+            out[:, :, :, c] = _mix(torch.softmax(logits.float(), dim=-1).to(v.dtype), v)
         return out
 
     # ---- decode: one query, gather sinks + selected keys + trailing span --------------------------------------
@@ -239,15 +251,15 @@ class _Selection(AttentionMethod):
         span_ok = (span_pos >= lo[:, None]) & (span_pos >= 0)
         k_span = k[:, :, N - R:]
         q_near = rot(q, q_pos[:, None, None, None])
-        near = q_near @ rot(k_span, span_pos[:, None]).transpose(-1, -2)[:, :, None]  # (B, Hkv, g, 1, R)
-        span_far = q_far @ k_span.transpose(-1, -2)[:, :, None]
+        near = _scores(q_near, rot(k_span, span_pos[:, None]))  # (B, Hkv, g, 1, R)
+        span_far = _scores(q_far, k_span)
         in_window = (q_pos[:, None] - span_pos < W)[:, None, None, None]
-        logits = torch.cat([q_far @ k_far.transpose(-1, -2)[:, :, None],
+        logits = torch.cat([_scores(q_far, k_far),
                             torch.where(in_window, near, span_far)], dim=-1) * scale
         ok = torch.cat([far_ok, span_ok[:, None].expand(-1, Hkv, -1)], dim=-1)
         logits = logits.masked_fill(~ok[:, :, None, None], float("-inf"))
         probs = torch.softmax(logits.float(), dim=-1).to(v.dtype)
-        return probs @ torch.cat([v_far, v[:, :, N - R:]], dim=2)[:, :, None]
+        return _mix(probs, torch.cat([v_far, v[:, :, N - R:]], dim=2))
 
 
 class TopK(_Selection):
