@@ -143,6 +143,7 @@ def test_generate_with_cache_equals_full_forward_each_step(method, params):
     model = tiny_model()
     llama_ctx.patch(model, method, **params)
     prompt = ids(20)
+    assert greedy(model, prompt[:, :1], 3)[0].shape == (1, 4)  # a one-token prompt decodes from scratch
     seq, step_logits = greedy(model, prompt, 25)
     for t in range(25):
         full = logits(model, seq[:, :20 + t])[:, -1]
@@ -227,6 +228,9 @@ def test_unsupported_attention_implementation_and_sliding_window(method, params)
     with pytest.raises(UnsupportedModelError, match="sliding_window=None"):
         llama_ctx.patch(mistral, method, **params)
     assert llama_ctx.state(mistral) is None
+    llama_ctx.patch(model, method, **params)
+    with pytest.raises(UnsupportedModelError, match="DynamicCache"):
+        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=2, cache_implementation="static")
 
 
 @pytest.mark.parametrize("method,params", CASES, ids=["topk", "block-topk"])

@@ -42,6 +42,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import DynamicLayer
 from transformers.models.llama.modeling_llama import rotate_half
 
 from ..errors import UnsupportedModelError
@@ -148,6 +149,14 @@ def _layer_keys(cache, layer_idx):
     return getattr(layers[layer_idx], "keys", None) if layers is not None and layer_idx < len(layers) else None
 
 
+def _check_layer(layer) -> None:
+    if not isinstance(layer, DynamicLayer) or layer.is_sliding:
+        raise UnsupportedModelError(
+            f"token selection needs every key in a growing cache, got a {type(layer).__name__}; use the default "
+            "DynamicCache (do not pass cache_implementation='static' / 'sliding_window' etc. to generate())."
+        )
+
+
 class _Selection(AttentionMethod):
     """Shared forward; subclasses define the selection (dense prefill mask and one-query gather)."""
 
@@ -176,6 +185,7 @@ class _Selection(AttentionMethod):
             previous = _layer_keys(past_key_values, self.layer_idx)
             if past_key_values is not None:  # unrotated keys go into the standard cache
                 k, v = past_key_values.update(k, v, self.layer_idx)
+                _check_layer(past_key_values.layers[self.layer_idx])
             N = k.shape[2]
             position_ids = kwargs.get("position_ids")
             if position_ids is None:
