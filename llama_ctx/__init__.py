@@ -6,6 +6,7 @@
     with llama_ctx.patched(model, "ntk", factor=2): ...
 """
 
+from . import pcw  # noqa: F401  (llama_ctx.pcw.prepare / generate / score)
 from .errors import ConfigError, LlamaCtxError, PatchStateError, UnsupportedModelError
 from .patch import patch, patched, state, unpatch
 from .persistence import from_pretrained

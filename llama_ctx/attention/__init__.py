@@ -1,6 +1,6 @@
 """Attention methods; importing this package registers them."""
 
-from . import selection  # noqa: F401  (registers "topk", "block-topk")
+from . import selection, streaming  # noqa: F401  (register "topk", "block-topk", "streaming")
 from .base import AttentionMethod
 
 __all__ = ["AttentionMethod"]

@@ -1,0 +1,93 @@
+"""Stream 100K tokens through a small random LLaMA patched with "streaming": bounded cache, flat latency.
+
+    PYTHONPATH=. nice python benchmarks/streaming.py [--tokens 100000] [--chunk 8] [--window 508] [--sinks 4]
+
+Feeds the stream in chunks through the model with its `StreamingCache` (the path `generate()` uses) and prints
+the cache size and the per-token latency of the last 10% over the first 10% (medians of per-chunk times). The
+machine is shared, so the ratio is also measured load-fairly: the cache as it was at 5% of the stream and the final
+one are stepped alternately (`probe`). For contrast the same ratios for the stock model with its growing
+`DynamicCache` over a shorter stream (it has no bound, so it is not run to 100K).
+"""
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import llama_ctx
+
+
+def model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=256, vocab_size=1000, max_position_embeddings=1024)
+    cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(cfg).eval()
+
+
+@torch.no_grad()
+def stream(m, tokens, chunk, cache=None):
+    """Per-chunk seconds while feeding `tokens` random ids through `m`; the cache at 5% and at the end."""
+    g = torch.Generator().manual_seed(1)
+    times, steps, early = [], tokens // chunk, None
+    for i in range(steps):
+        x = torch.randint(0, 1000, (1, chunk), generator=g)
+        t0 = time.perf_counter()
+        cache = m(x, past_key_values=cache, use_cache=True).past_key_values
+        times.append(time.perf_counter() - t0)
+        if i == steps // 20:
+            early = copy.deepcopy(cache)
+    return times, early, cache
+
+
+@torch.no_grad()
+def probe(m, early, late, chunk, steps=200):
+    """Median per-chunk time of the late cache over the early one, stepping both alternately."""
+    x, t = torch.randint(0, 1000, (1, chunk)), {"early": [], "late": []}
+    caches = {"early": early, "late": late}
+    for _ in range(steps):
+        for name in t:
+            t0 = time.perf_counter()
+            caches[name] = m(x, past_key_values=caches[name], use_cache=True).past_key_values
+            t[name].append(time.perf_counter() - t0)
+    return statistics.median(t["late"]) / statistics.median(t["early"])
+
+
+def tail_over_head(times):
+    k = max(len(times) // 10, 1)
+    return statistics.median(times[-k:]) / statistics.median(times[:k])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=100_000)
+    ap.add_argument("--chunk", type=int, default=8)
+    ap.add_argument("--window", type=int, default=508)
+    ap.add_argument("--sinks", type=int, default=4)
+    ap.add_argument("--stock-tokens", type=int, default=8_000)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+
+    m = llama_ctx.patch(model(), "streaming", sink_tokens=a.sinks, window=a.window)
+    t0 = time.perf_counter()
+    times, early, cache = stream(m, a.tokens, a.chunk)
+    total = time.perf_counter() - t0
+    sizes = {layer.keys.shape[-2] for layer in cache.layers}
+    print(f"streaming: {cache.get_seq_length()} tokens in {total:.0f}s ({1e3 * total / a.tokens:.3f} ms/token, "
+          f"chunks of {a.chunk}); cache size per layer {sorted(sizes)} (sinks+window = {a.sinks + a.window})")
+    print(f"streaming per-token latency last10%/first10% {tail_over_head(times):.2f}x, "
+          f"end/5% alternating probe {probe(m, early, cache, a.chunk):.2f}x")
+
+    stock = model()
+    stock_times, stock_early, stock_cache = stream(stock, a.stock_tokens, a.chunk)
+    print(f"stock DynamicCache over {a.stock_tokens} tokens: cache size {stock_cache.get_seq_length()}, per-token "
+          f"latency last10%/first10% {tail_over_head(stock_times):.2f}x, end/5% alternating probe "
+          f"{probe(stock, stock_early, stock_cache, a.chunk):.2f}x; streaming/stock per-token time at the end "
+          f"{statistics.median(times[-100:]) / statistics.median(stock_times[-100:]):.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""StreamingLLM (Xiao et al. 2023, "Efficient Streaming Language Models with Attention Sinks").
+
+The rule, per row, over its real (non-padding) tokens numbered t = 0, 1, ... in stream order: with S =
+`sink_tokens` and W = `window`, the query at t sees the keys
+
+    V(t) = {r : r < S} ∪ {r : t - W <= r <= t}          (and r <= t)
+
+i.e. the S sinks plus the W tokens before it plus itself, and every key of V(t) gets as position its place in
+V(t) (0, 1, ..., |V(t)| - 1), the query the last place, |V(t)| - 1 = min(t, S + W). Positions therefore never
+exceed S + W. Since RoPE scores depend on position differences only, the window keys keep their true distance
+t - r to the query while a sink r < S sits at distance min(t, S + W) - r.
+
+The same rule holds for every query of a multi-token input (a prefill longer than S + W included), so prefill
+and token-by-token generation give the same result. With `use_cache`, the model keeps a
+`llama_ctx.cache.StreamingCache` holding exactly the keys the next query needs, the S sinks and the last W tokens,
+and the positions above are their places in that cache. Padding tokens (0 in the 2D `attention_mask`) are never
+seen, do not count in t and are never sinks; a left-padded batch gives the same result per row as each row alone.
+`position_ids` passed to the model are ignored: positions come from the rule.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
+
+from ..cache import StreamingCache
+from ..errors import ConfigError
+from ..registry import check_int, register
+from ..rope.module import cos_sin, rotary_frequencies
+from .base import AttentionMethod
+
+
+@dataclass
+class StreamingParams:
+    """Args:
+    sink_tokens: first real tokens every query keeps seeing (the attention sinks), >= 0.
+    window: most recent tokens each query sees besides itself, >= 1. Positions reach sink_tokens + window, which
+        must stay inside the model's (possibly rope-extended) window.
+    """
+
+    window: int
+    sink_tokens: int = 4
+
+    def __post_init__(self):
+        self.window = check_int("window", self.window, ge=1)
+        self.sink_tokens = check_int("sink_tokens", self.sink_tokens, ge=0)
+
+
+@dataclass
+class _Step:
+    """What every layer of one forward shares: mask, rotations and (with a cache) the eviction plan."""
+
+    mask: torch.Tensor  # [batch, 1, new, past + new] additive float
+    cos_k: torch.Tensor  # [batch, past + new, head_dim]: keys at their place
+    sin_k: torch.Tensor
+    cos_q: torch.Tensor  # [batch, new, head_dim]: queries at their place seen from the window keys
+    sin_q: torch.Tensor
+    sink: torch.Tensor | None  # [batch, past + new] bool, when some query is further than S + W from the sinks
+    cos_qs: torch.Tensor | None = None  # queries at their place seen from the sinks, min(t, S + W)
+    sin_qs: torch.Tensor | None = None
+
+
+def _rotate(x, cos, sin):
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+class Streaming(AttentionMethod):
+    def validate(self, params, ctx) -> None:
+        super().validate(params, ctx)
+        from ..patch import _get_state  # the rope method already applied, if any, may extend the window
+
+        st = _get_state(ctx.backbone)
+        rope = st.applied.get("rope") if st else None
+        factor = float(getattr(rope.params, "factor", 1.0)) if rope else 1.0
+        limit = int(ctx.spec.trained_window * max(factor, 1.0))
+        if params.sink_tokens + params.window + 1 > limit:
+            raise ConfigError(
+                f"streaming: sink_tokens + window + 1 = {params.sink_tokens + params.window + 1} positions exceed the "
+                f"model's window of {limit}; use a smaller window (<= {limit - 1 - params.sink_tokens}) or apply a "
+                "rope method that extends it first, e.g. patch(model, 'yarn', factor=4)."
+            )
+
+    def apply(self, params, ctx, patcher) -> None:
+        shared: dict = {}  # the current forward's `_Step`, set by the backbone forward below
+        for attn in ctx.attention_modules:
+            patcher.set(attn, "forward", types.MethodType(self.make_forward(params, ctx, attn, shared), attn))
+        patcher.set(ctx.backbone, "forward", self._backbone_forward(params, ctx.backbone, ctx.backbone.forward, shared))
+
+    def _backbone_forward(self, p: StreamingParams, backbone, original, shared):
+        def forward(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+                    use_cache=None, **kwargs):
+            x = input_ids if input_ids is not None else inputs_embeds
+            batch, new = x.shape[:2]
+            use_cache = backbone.config.use_cache if use_cache is None else use_cache
+            cache = _streaming_cache(p, past_key_values, use_cache)
+            if attention_mask is not None and attention_mask.ndim != 2:
+                raise ConfigError("streaming builds its own attention mask; pass a 2D padding mask [batch, tokens] "
+                                  f"or none, got a {attention_mask.ndim}D mask.")
+            valid = (torch.ones(batch, new, dtype=torch.bool, device=x.device) if attention_mask is None
+                     else attention_mask[:, -new:].to(device=x.device, dtype=torch.bool))
+            if cache is not None:
+                valid = cache.plan(valid)
+            dtype = backbone.embed_tokens.weight.dtype if inputs_embeds is None else inputs_embeds.dtype
+            shared["step"] = step = _plan(p, valid, new, backbone.rotary_emb, dtype)
+            try:
+                out = original(input_ids=input_ids, attention_mask=step.mask, position_ids=position_ids,
+                               past_key_values=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+            finally:
+                shared.pop("step", None)
+            if cache is not None:
+                cache.commit(new)
+            return out
+
+        return forward
+
+    def make_forward(self, params, ctx, attn, shared=None):
+        def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+            step: _Step = shared["step"]
+            input_shape = hidden_states.shape[:-1]
+            hidden_shape = (*input_shape, -1, self.head_dim)
+            q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+            k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+            v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+            if past_key_values is not None:
+                k, v = past_key_values.update(k, v, self.layer_idx)  # unrotated, past + new
+            k = _rotate(k, step.cos_k, step.sin_k)
+            q_window = _rotate(q, step.cos_q, step.sin_q)
+            if step.sink is None:
+                q = q_window
+            else:
+                # NOTE: concatenating head dims gives per-key query rotations in one attention call:
+                # [q_w, q_s] . [k * not_sink, k * sink] = q_w . k for window keys and q_s . k for sinks.
+                sink = step.sink[:, None, :, None].to(k.dtype)
+                q = torch.cat([q_window, _rotate(q, step.cos_qs, step.sin_qs)], dim=-1)
+                k = torch.cat([k * (1 - sink), k * sink], dim=-1)
+            interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+            out, weights = interface(self, q, k, v, step.mask, dropout=0.0 if not self.training else self.attention_dropout,
+                                     scaling=self.scaling)
+            return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+        return forward
+
+
+def _streaming_cache(p: StreamingParams, cache, use_cache: bool) -> StreamingCache | None:
+    """The cache to use: the given `StreamingCache`, or a new one for a fresh (None or empty default) cache."""
+    if isinstance(cache, StreamingCache):
+        if (cache.sink_tokens, cache.window) != (p.sink_tokens, p.window):
+            raise ConfigError(f"this StreamingCache has sink_tokens={cache.sink_tokens}, window={cache.window} but the "
+                              f"model is patched with sink_tokens={p.sink_tokens}, window={p.window}; build it with "
+                              "the same values or let the model create it.")
+        return cache
+    if cache is None:
+        return StreamingCache(p.sink_tokens, p.window) if use_cache else None
+    if type(cache).__name__ == "DynamicCache" and cache.get_seq_length() == 0:
+        return StreamingCache(p.sink_tokens, p.window)  # e.g. the one generate() creates
+    raise ConfigError(f"streaming keeps its own bounded cache; got a filled {type(cache).__name__}. Pass "
+                      "past_key_values=None (or a llama_ctx.cache.StreamingCache) to a model patched with 'streaming'.")
+
+
+def _plan(p: StreamingParams, valid: torch.Tensor, new: int, rotary, dtype) -> _Step:
+    """Mask and rotations for `new` queries (the last columns of `valid`, `[batch, past + new]` bool)."""
+    S, W = p.sink_tokens, p.window
+    rank = (valid.cumsum(-1) - 1).clamp(min=0)  # place among the row's real tokens
+    q_rank, q_valid = rank[:, -new:], valid[:, -new:]
+    kr, qr = rank[:, None, :], q_rank[:, :, None]
+    seen = valid[:, None, :] & (kr <= qr) & ((kr < S) | (kr >= qr - W))
+    seen &= q_valid[:, :, None]
+    seen[:, :, -new:] |= torch.eye(new, dtype=torch.bool, device=valid.device) & ~q_valid[:, :, None]
+    # (a padding query attends to itself only: finite, and its output is never seen by a real token)
+    mask = torch.zeros(seen.shape, dtype=dtype, device=valid.device).masked_fill_(~seen, torch.finfo(dtype).min)
+    inv_freq, scaling = rotary_frequencies(rotary, rank)
+    x = torch.empty(0, dtype=dtype, device=valid.device)
+    cos_k, sin_k = cos_sin(inv_freq, scaling, rank, x)
+    step = _Step(mask[:, None], cos_k, sin_k, cos_k[:, -new:], sin_k[:, -new:], None)
+    if S > 0 and bool((q_rank > S + W).any()):
+        step.sink = valid & (rank < S)
+        step.cos_qs, step.sin_qs = cos_sin(inv_freq, scaling, q_rank.clamp(max=S + W), x)
+    return step
+
+
+register("streaming", "attention", StreamingParams, Streaming(),
+         "StreamingLLM: attention sinks + sliding window with a bounded KV cache, positions by place in the cache")

@@ -1,0 +1,194 @@
+"""The "streaming" method (attention sinks + window, bounded cache) against its dense definition."""
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import llama_ctx
+from llama_ctx import ConfigError, UnsupportedModelError
+from llama_ctx.cache import StreamingCache
+from conftest import clone_with, ids, logits, tiny_model
+
+S, W = 4, 16
+
+
+def default_rope(model):
+    d = model.config.hidden_size // model.config.num_attention_heads
+    return 1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d), 1.0
+
+
+def rotate(x, pos, inv_freq, scale):
+    """x [..., d] rotated at integer position `pos` (pairs i and i + d/2 turn by pos * inv_freq[i])."""
+    ang = pos * inv_freq.double()
+    cos, sin = torch.cat([ang.cos(), ang.cos()]) * scale, torch.cat([ang.sin(), ang.sin()]) * scale
+    x1, x2 = x.double().chunk(2, dim=-1)
+    return (x.double() * cos + torch.cat([-x2, x1], dim=-1) * sin).float()
+
+
+@torch.no_grad()
+def dense_reference(model, tokens, sinks=S, window=W, rope=None):
+    """Logits [T, vocab] of one row of real tokens, each query t attending to its explicit kept set
+    {r < sinks} ∪ {t - window <= r <= t}, keys at their place in that set and the query at the last place."""
+    inv_freq, scale = rope or default_rope(model)
+    m, T = model.model, len(tokens)
+    hq, hkv = model.config.num_attention_heads, model.config.num_key_value_heads
+    h = m.embed_tokens(tokens)
+    for layer in m.layers:
+        a = layer.self_attn
+        x = layer.input_layernorm(h)
+        d = a.head_dim
+        q, k, v = a.q_proj(x).view(T, hq, d), a.k_proj(x).view(T, hkv, d), a.v_proj(x).view(T, hkv, d)
+        out = torch.zeros(T, hq, d)
+        for t in range(T):
+            kept = [r for r in range(t + 1) if r < sinks or r >= t - window]
+            keys = torch.stack([rotate(k[r], place, inv_freq, scale) for place, r in enumerate(kept)])
+            keys, vals = keys.repeat_interleave(hq // hkv, dim=1), v[kept].repeat_interleave(hq // hkv, dim=1)
+            qt = rotate(q[t], len(kept) - 1, inv_freq, scale)  # [hq, d]
+            scores = torch.einsum("hd,khd->hk", qt, keys) / math.sqrt(d)
+            out[t] = torch.einsum("hk,khd->hd", scores.softmax(-1), vals)
+        h = h + a.o_proj(out.reshape(T, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return model.lm_head(m.norm(h))
+
+
+def greedy(model, x, new, **kw):
+    kw.setdefault("attention_mask", torch.ones_like(x))  # token 0 in x is a word, not padding
+    out = model.generate(x, max_new_tokens=new, do_sample=False, return_dict_in_generate=True, output_logits=True,
+                         pad_token_id=0, eos_token_id=None, **kw)
+    return out.sequences, torch.stack(out.logits, dim=1), out.past_key_values
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_generate_matches_dense_reference(impl):
+    model = tiny_model(attn_implementation=impl)
+    llama_ctx.patch(model, "streaming", sink_tokens=S, window=W)
+    prompt = ids(30)  # longer than S + W: the prefill itself evicts
+    seq, scores, cache = greedy(model, prompt, 40)
+    ref = dense_reference(model, seq[0])
+    assert torch.equal(seq[0, 30:], ref[29:-1].argmax(-1))
+    torch.testing.assert_close(scores[0], ref[29:-1], atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(model, seq, use_cache=False)[0], ref, atol=1e-4, rtol=0)
+    assert cache.cached_tokens() == S + W and cache.get_seq_length() == 69
+    assert all(layer.keys.shape[-2] == S + W for layer in cache.layers)
+
+
+def test_chunks_through_a_full_cache_match_reference():
+    model = tiny_model()
+    llama_ctx.patch(model, "streaming", sink_tokens=S, window=W)
+    x, cache, out = ids(75), StreamingCache(S, W), []
+    with torch.no_grad():
+        for start in range(0, 75, 7):  # chunks of 7 after the cache is full: sinks seen from several places
+            out.append(model(x[:, start:start + 7], past_key_values=cache).logits)
+    torch.testing.assert_close(torch.cat(out, 1)[0], dense_reference(model, x[0]), atol=1e-4, rtol=0)
+
+
+def test_no_sinks_is_a_sliding_window():
+    model = tiny_model()
+    llama_ctx.patch(model, "streaming", sink_tokens=0, window=8)
+    x = ids(40)
+    seq, scores, _ = greedy(model, x, 10)
+    ref = dense_reference(model, seq[0], sinks=0, window=8)
+    torch.testing.assert_close(scores[0], ref[39:-1], atol=1e-4, rtol=0)
+
+
+class RecordingCache(StreamingCache):
+    def commit(self, new_tokens):
+        super().commit(new_tokens)
+        self.sizes = [*getattr(self, "sizes", []), self.cached_tokens()]
+
+
+def test_cache_stays_bounded_over_long_generate(model):
+    llama_ctx.patch(model, "streaming", sink_tokens=S, window=32)
+    cache = RecordingCache(S, 32)
+    seq, _, _ = greedy(model, ids(10), 300, past_key_values=cache)
+    assert seq.shape[1] == 310 and cache.get_seq_length() == 309
+    assert max(cache.sizes) == S + 32 and cache.sizes[-270:] == [S + 32] * 270
+    assert all(layer.keys.shape[-2] == S + 32 for layer in cache.layers)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_left_padded_batch_equals_single_rows(impl):
+    model = tiny_model(attn_implementation=impl)
+    llama_ctx.patch(model, "streaming", sink_tokens=S, window=W)
+    a, b = ids(30, seed=2), ids(12, seed=3)  # b shorter than S + W: its cache fills later than a's
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 18, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :18] = 0
+    seq, scores, _ = greedy(model, batch, 25, attention_mask=mask)
+    for row, x in enumerate([a, b]):
+        single_seq, single_scores, _ = greedy(model, x, 25)
+        assert torch.equal(seq[row, 30:], single_seq[0, x.shape[1]:])
+        torch.testing.assert_close(scores[row], single_scores[0], atol=1e-4, rtol=0)
+        ref = dense_reference(model, single_seq[0])
+        torch.testing.assert_close(scores[row], ref[x.shape[1] - 1:-1], atol=1e-4, rtol=0)
+
+
+def test_yarn_plus_streaming_matches_reference_with_yarn_frequencies(model):
+    native = clone_with(model, rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=10000.0,
+                                                    original_max_position_embeddings=64)).model.rotary_emb
+    rope = (native.inv_freq.float(), float(native.attention_scaling))
+    llama_ctx.patch(model, "yarn", factor=4)
+    llama_ctx.patch(model, "streaming", sink_tokens=S, window=100)  # beyond the trained 64: needs yarn
+    assert llama_ctx.state(model)["attention"]["params"] == {"sink_tokens": S, "window": 100}
+    seq, scores, cache = greedy(model, ids(70), 45)
+    ref = dense_reference(model, seq[0], window=100, rope=rope)
+    torch.testing.assert_close(scores[0], ref[69:-1], atol=1e-4, rtol=0)
+    assert cache.cached_tokens() == S + 100
+
+
+def test_unpatch_is_bit_exact(model):
+    x = ids(50)
+    before = logits(model, x)
+    forwards = [vars(layer.self_attn).get("forward") for layer in model.model.layers]
+    llama_ctx.patch(model, "streaming", window=8)
+    assert not torch.equal(logits(model, x), before)
+    llama_ctx.unpatch(model)
+    assert torch.equal(logits(model, x), before)
+    assert "forward" not in vars(model.model) and forwards == [None, None]
+    assert [vars(layer.self_attn).get("forward") for layer in model.model.layers] == forwards
+    assert isinstance(model(x, use_cache=True).past_key_values, DynamicCache)
+
+
+@pytest.mark.parametrize("params,match", [
+    (dict(window=0), "window must be >= 1"),
+    (dict(window=8.0), "window must be an integer"),
+    (dict(window="8"), "window must be an integer"),
+    (dict(window=8, sink_tokens=-1), "sink_tokens must be >= 0"),
+    (dict(window=8, sink_tokens=True), "sink_tokens must be an integer"),
+    (dict(window=60), "exceed the model's window of 64.*yarn"),
+    (dict(sink_tokens=4), "needs parameter.*'window'"),
+    (dict(window=8, sinks=4), "unknown parameter"),
+])
+def test_bad_parameters_raise_and_leave_model_untouched(model, params, match):
+    x = ids(40)
+    before = logits(model, x)
+    with pytest.raises(ConfigError, match=match):
+        llama_ctx.patch(model, "streaming", **params)
+    assert torch.equal(logits(model, x), before) and llama_ctx.state(model) is None
+
+
+@pytest.mark.parametrize("impl", ["flex_attention", "flash_attention_2"])
+def test_unsupported_attention_implementation(impl):
+    model = tiny_model()
+    x = ids(20)
+    before = logits(model, x)
+    model.config._attn_implementation = impl
+    with pytest.raises(UnsupportedModelError, match="attn_implementation in"):
+        llama_ctx.patch(model, "streaming", window=8)
+    model.config._attn_implementation = "sdpa"
+    assert torch.equal(logits(model, x), before) and llama_ctx.state(model) is None
+
+
+def test_bad_runtime_inputs(model):
+    llama_ctx.patch(model, "streaming", window=8)
+    x = ids(20)
+    filled = DynamicCache()
+    filled.update(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), 0)
+    with pytest.raises(ConfigError, match="bounded cache"):
+        model(x, past_key_values=filled)
+    with pytest.raises(ConfigError, match="sink_tokens=2, window=8"):
+        model(x, past_key_values=StreamingCache(2, 8))
+    with pytest.raises(ConfigError, match="2D padding mask"):
+        model(x, attention_mask=torch.zeros(1, 1, 20, 20))
