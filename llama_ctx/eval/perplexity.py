@@ -1,0 +1,197 @@
+"""Sliding-window perplexity at several lengths, with the mean loss per position bucket.
+
+The windowing is that of the transformers guide "Perplexity of fixed-length models": windows of `length` tokens
+start every `stride` tokens; each window scores only the tokens not scored by the previous one (its last
+`end - previous_end` tokens; the first window scores all of its tokens), so with `stride < length` every scored
+token has at least `length - stride` tokens of context. As in the guide, the first token of a window is never a
+target (no logit predicts it) and the last window may be shorter than `length`.
+
+    ppl(length) = exp(sum of scored token losses / number of scored tokens)
+
+A token's *position* is its index inside its window (0 .. length-1). Averaging the loss per position bucket shows
+where a model breaks: a stock model's loss jumps right after its trained window, which a single perplexity hides.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError, UnsupportedModelError
+from ..registry import check_int
+from .results import Result, nan_if_none
+
+CE_CHUNK = 4096  # positions whose float32 logits are upcast at once
+
+
+@dataclass
+class PerplexityResult(Result):
+    """Args:
+    ppl: length -> perplexity over every scored token.
+    bucket_loss: length -> [(start, end, mean loss of the tokens at positions start <= p < end)]; NaN if none.
+    bucket_tokens: length -> number of scored tokens in each bucket.
+    tokens: length -> number of scored tokens.
+    stride: length -> stride used.
+    trained_window: the model's trained context length (None if unknown), for plots and tables.
+    """
+
+    ppl: dict[int, float] = field(default_factory=dict)
+    bucket_loss: dict[int, list[tuple[int, int, float]]] = field(default_factory=dict)
+    bucket_tokens: dict[int, list[int]] = field(default_factory=dict)
+    tokens: dict[int, int] = field(default_factory=dict)
+    stride: dict[int, int] = field(default_factory=dict)
+    trained_window: int | None = None
+
+    def rows(self) -> list[dict]:
+        return [dict(length=n, ppl=self.ppl[n], tokens=self.tokens[n], stride=self.stride[n], bucket_start=s,
+                     bucket_end=e, bucket_loss=loss, bucket_tokens=c)
+                for n in self.ppl for (s, e, loss), c in zip(self.bucket_loss[n], self.bucket_tokens[n])]
+
+    @classmethod
+    def _from_dict(cls, d: dict) -> "PerplexityResult":
+        ints = lambda m: {int(k): v for k, v in m.items()}  # noqa: E731 - JSON object keys are strings
+        return cls(ppl={int(k): nan_if_none(v) for k, v in d["ppl"].items()},
+                   bucket_loss={int(k): [(s, e, nan_if_none(x)) for s, e, x in v] for k, v in d["bucket_loss"].items()},
+                   bucket_tokens=ints(d["bucket_tokens"]), tokens=ints(d["tokens"]), stride=ints(d["stride"]),
+                   trained_window=d.get("trained_window"))
+
+    @classmethod
+    def merge(cls, results: Sequence["PerplexityResult"]) -> "PerplexityResult":
+        """One result holding the lengths of all `results` (later ones win on a repeated length)."""
+        out = cls()
+        for r in results:
+            for name in ("ppl", "bucket_loss", "bucket_tokens", "tokens", "stride"):
+                getattr(out, name).update(getattr(r, name))
+            out.trained_window = r.trained_window or out.trained_window
+        return out
+
+    def _draw(self, ax, label: str = "") -> None:
+        for n in sorted(self.ppl):
+            mids = [(s + e) / 2 for s, e, _ in self.bucket_loss[n]]
+            ax.plot(mids, [x for _, _, x in self.bucket_loss[n]], marker="o",
+                    label=f"{label + ' ' if label else ''}length {n}: ppl {self.ppl[n]:.2f}")
+        if self.trained_window:
+            ax.axvline(self.trained_window, color="grey", ls="--", lw=1, label="trained window")
+        ax.set_xlabel("position in window (tokens)")
+        ax.set_ylabel("mean loss (nats / token)")
+        ax.legend(fontsize=8)
+
+
+def trained_window(model) -> int | None:
+    """The trained context length of `model` before any llama_ctx patch (None if the model does not say)."""
+    from ..patch import _get_state, backbone_of
+    from ..rope.base import RopeSpec
+
+    try:
+        backbone = backbone_of(model)
+    except UnsupportedModelError:
+        return None
+    st = _get_state(backbone)
+    return (st.spec if st else RopeSpec.from_config(backbone.config)).trained_window
+
+
+def bucket_edges(length: int, buckets=None, window: int | None = None) -> list[int]:
+    """Bucket boundaries `[0, ..., length]` for positions in a window of `length` tokens.
+
+    `buckets` is a bucket width (int) or a list of inner boundaries. Default: width = trained window / 4,
+    doubled (up to the trained window itself) while there are more than 16 buckets, so the trained window is
+    always a boundary; length / 8 (rounded up) when the trained window is unknown.
+    """
+    if buckets is None:
+        if window:
+            width = max(window // 4, 1)
+            while math.ceil(length / width) > 16 and 2 * width <= window:
+                width *= 2
+        else:
+            width = max(math.ceil(length / 8), 1)
+        buckets = width
+    if isinstance(buckets, int) and not isinstance(buckets, bool):
+        width = check_int("buckets", buckets)
+        return [*range(0, length, width), length]
+    inner = sorted({int(b) for b in buckets if 0 < int(b) < length})
+    return [0, *inner, length]
+
+
+def windows(n_tokens: int, length: int, stride: int):
+    """(begin, end, n_new) of each window, as in the transformers perplexity guide; n_new = end - previous end."""
+    previous_end = 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + length, n_tokens)
+        yield begin, end, end - previous_end
+        previous_end = end
+        if end == n_tokens:
+            break
+
+
+def as_token_ids(token_ids) -> torch.Tensor:
+    """A 1-D LongTensor from a list, a 1-D tensor or a (1, n) tensor."""
+    ids = torch.as_tensor(token_ids)
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1 or ids.dtype.is_floating_point:
+        raise ConfigError(f"token_ids must be one sequence of integer ids (1-D or shape (1, n)), got shape "
+                          f"{tuple(ids.shape)} {ids.dtype}")
+    return ids.long()
+
+
+def check_enough(n_tokens: int, needed: int, what: str = "the text") -> None:
+    if n_tokens < needed:
+        raise ConfigError(f"{what} is too short: it has {n_tokens} tokens and {needed} are needed; give a longer "
+                          "text (--text) or a shorter length (--lengths)")
+
+
+@torch.inference_mode()
+def perplexity(model, token_ids, lengths, stride=None, buckets=None) -> PerplexityResult:
+    """Sliding-window perplexity of `token_ids` at each of `lengths`, with the mean loss per position bucket.
+
+    Args:
+        model: a causal LM (patched or not) whose forward takes `logits_to_keep`.
+        token_ids: one tokenized text (list, 1-D tensor or (1, n) tensor), at least max(lengths) tokens.
+        lengths: window lengths in tokens.
+        stride: tokens between window starts, 1 <= stride <= length; None = length (disjoint windows).
+        buckets: bucket width (int) or inner boundaries (list); None = see `bucket_edges`.
+
+    Returns:
+        PerplexityResult.
+
+    Cost: one forward per window; logits are computed only at the positions that predict scored tokens.
+    """
+    ids = as_token_ids(token_ids)
+    lengths = [check_int("length", n, ge=2) for n in lengths]
+    check_enough(len(ids), max(lengths))
+    device = next(model.parameters()).device
+    window = trained_window(model)
+    result = PerplexityResult(trained_window=window)
+    for length in lengths:
+        step = length if stride is None else check_int("stride", stride)
+        if step > length:
+            raise ConfigError(f"stride ({step}) must be <= length ({length}), or every window skips tokens")
+        edges = torch.tensor(bucket_edges(length, buckets, window))
+        loss_sum = torch.zeros(len(edges) - 1, dtype=torch.float64)
+        count = torch.zeros(len(edges) - 1, dtype=torch.float64)
+        for begin, end, n_new in windows(len(ids), length, step):
+            chunk = ids[begin:end].to(device)
+            k = min(n_new, end - begin - 1)  # scored tokens: the last k of the window
+            if k <= 0:
+                continue
+            keep = torch.arange(end - begin - k - 1, end - begin - 1, device=device)
+            logits = model(input_ids=chunk[None], logits_to_keep=keep, use_cache=False).logits[0]
+            targets = chunk[-k:]
+            losses = torch.cat([F.cross_entropy(logits[i:i + CE_CHUNK].float(), targets[i:i + CE_CHUNK],
+                                                reduction="none") for i in range(0, k, CE_CHUNK)]).double().cpu()
+            bucket = torch.bucketize(torch.arange(end - begin - k, end - begin), edges[1:-1], right=True)
+            loss_sum += torch.bincount(bucket, weights=losses, minlength=len(count))
+            count += torch.bincount(bucket, minlength=len(count)).double()
+        total = int(count.sum())
+        result.ppl[length] = math.exp(loss_sum.sum().item() / total)
+        result.bucket_loss[length] = [(int(edges[i]), int(edges[i + 1]),
+                                       (loss_sum[i] / count[i]).item() if count[i] else float("nan"))
+                                      for i in range(len(count))]
+        result.bucket_tokens[length] = [int(c) for c in count]
+        result.tokens[length] = total
+        result.stride[length] = step
+    return result

@@ -1,0 +1,101 @@
+"""Parsing what users type: method specs (`yarn:factor=4:beta_fast=16`, `stock`) and lengths (`8k`, `32768`)."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError
+
+STOCK = "stock"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method and its parameters; `name == "stock"` means no patch."""
+
+    name: str
+    params: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """Canonical text form, e.g. "yarn:factor=4"; used in tables, file names and result keys."""
+        return ":".join([self.name, *(f"{k}={v}" for k, v in self.params.items())])
+
+    def patch_call(self, model: str = "model") -> str:
+        """The Python call that applies this method."""
+        if self.name == STOCK:
+            return f"llama_ctx.unpatch({model})  # stock: no method"
+        args = "".join(f", {k}={v!r}" for k, v in self.params.items())
+        return f"llama_ctx.patch({model}, {self.name!r}{args})"
+
+    def applied(self, model):
+        """Context manager: the model patched with this method (nothing for stock), unpatched on exit."""
+        from ..patch import patched
+
+        return contextlib.nullcontext(model) if self.name == STOCK else patched(model, self.name, **self.params)
+
+
+def parse_method_spec(text: str) -> MethodSpec:
+    """`name[:k=v[:k=v...]]` -> MethodSpec; values parsed as int / float / bool / str; the name must be registered."""
+    from ..cli import parse_value
+    from ..registry import get
+
+    name, *pairs = text.strip().split(":")
+    if not name:
+        raise ConfigError(f"method spec {text!r} has no method name; write name[:key=value...], e.g. yarn:factor=4")
+    params = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or not key or not value:
+            raise ConfigError(f"method spec {text!r}: {pair!r} is not key=value; write e.g. {name}:factor=4")
+        if key in params:
+            raise ConfigError(f"method spec {text!r} gives {key!r} twice")
+        params[key] = parse_value(value.strip())
+    if name == STOCK:
+        if params:
+            raise ConfigError(f"'stock' takes no parameters, got {text!r}")
+        return MethodSpec(STOCK)
+    return MethodSpec(get(name).name, params)
+
+
+def parse_methods(text: str) -> list[MethodSpec]:
+    """Comma-separated method specs; a repeated spec is an error."""
+    specs = [parse_method_spec(t) for t in text.split(",") if t.strip()]
+    if not specs:
+        raise ConfigError("no method given; e.g. --methods stock,yarn:factor=4")
+    labels = [s.label for s in specs]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ConfigError(f"method(s) {', '.join(dup)} given more than once")
+    return specs
+
+
+def parse_length(text) -> int:
+    """'8k' -> 8192, '1.5k' -> 1536, '32768' -> 32768; anything else, or a length < 2, is a ConfigError."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*", str(text))
+    if not m:
+        raise ConfigError(f"bad length {text!r}; write a token count such as 8192 or 8k (= 8192) or 1m")
+    value = float(m.group(1)) * {"": 1, "k": 1024, "m": 1024 ** 2}[m.group(2).lower()]
+    if value != int(value) or value < 2:
+        raise ConfigError(f"bad length {text!r}: it must be a whole number of tokens >= 2")
+    return int(value)
+
+
+def parse_lengths(text: str) -> list[int]:
+    lengths = [parse_length(t) for t in str(text).split(",") if t.strip()]
+    if not lengths:
+        raise ConfigError("no length given; e.g. --lengths 8k,16k,32k")
+    return sorted(set(lengths))
+
+
+def parse_depths(text: str) -> list[float]:
+    try:
+        depths = [float(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"bad depths {text!r}; write fractions in [0, 1], e.g. 0,0.25,0.5,0.75,1") from None
+    if not depths or any(not 0 <= d <= 1 for d in depths):
+        raise ConfigError(f"bad depths {text!r}; write fractions in [0, 1], e.g. 0,0.25,0.5,0.75,1")
+    return depths

@@ -1,0 +1,188 @@
+"""Choosing a method's parameters: a small grid per method, scored by the loss beyond the trained window.
+
+Each candidate is evaluated like `perplexity(model, text[:target], [target])`; candidates are ranked by the mean
+loss of the tokens at positions >= the trained window (where methods differ; inside it a good method should
+match the stock model, which `loss_within` shows). The grid of each method is derived from r = target / trained
+window (T) and lives in `GRID`, the one place to edit it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .. import registry
+from ..errors import ConfigError, LlamaCtxError
+from .perplexity import PerplexityResult, as_token_ids, check_enough, perplexity, trained_window
+from .results import Result
+from .specs import STOCK, MethodSpec
+
+
+def _factors(r: float, T: int, L: int) -> list[dict]:
+    factors = sorted({round(x, 3) for x in (r / 2, r, 2 * r) if x > 1})
+    return [{"factor": int(f) if f == int(f) else f} for f in factors]
+
+
+def _cover(L: int, T: int, w: int) -> float:
+    # smallest factor (to 0.1) with w + (L - w) / factor <= T: every distance maps inside the trained window
+    return max(math.ceil((L - w) / (T - w) * 10) / 10, 1.1)
+
+
+def _windows(T: int) -> list[int]:
+    return sorted({max(T // 4, 1), max(T // 2, 1)})
+
+
+GRID = {
+    "pi": _factors,
+    "ntk": _factors,
+    "yarn": _factors,
+    "llama3": _factors,
+    "dynamic-ntk": _factors,
+    "rerope": lambda r, T, L: [{"window": w} for w in _windows(T)],
+    "leaky-rerope": lambda r, T, L: [{"window": w, "factor": _cover(L, T, w)} for w in _windows(T)],
+    # Self-Extend covers (T - window) * group_size + window positions: the smallest covering group_size, and twice it
+    "self-extend": lambda r, T, L: [{"window": w, "group_size": g}
+                                    for w in _windows(T) for g in sorted({math.ceil((L - w) / (T - w)),
+                                                                          2 * math.ceil((L - w) / (T - w))})],
+    "lambda": lambda r, T, L: [{"local_window": T}, {"local_window": max(T // 2, 1)}],
+    "streaming": lambda r, T, L: [{"window": max(T - 4, 1)}],
+    "topk": lambda r, T, L: [{"k": max(T // 8, 1)}, {"k": max(T // 4, 1)}],
+    "block-topk": lambda r, T, L: [{"block_size": 64, "k_blocks": max(T // 4 // 64, 1)}],
+}
+
+
+def candidates(model, target: int, methods=None) -> list[MethodSpec]:
+    """Stock first, then the grid of every method in `methods` (names or MethodSpecs whose parameters are kept
+    fixed in every grid point; default: every registered method of `GRID`). Unregistered names are skipped."""
+    T = trained_window(model)
+    if T is None:
+        raise ConfigError("sweep needs a LLaMA-layout model whose config gives its trained window")
+    if target <= T:
+        raise ConfigError(f"target ({target}) must exceed the trained window ({T}): there is nothing to extend")
+    registry._load_all()
+    specs = [MethodSpec(STOCK)]
+    for m in (GRID if methods is None else methods):
+        spec = m if isinstance(m, MethodSpec) else MethodSpec(m)
+        if spec.name == STOCK:
+            continue
+        if spec.name not in GRID:
+            raise ConfigError(f"sweep has no grid for {spec.name!r}; grids exist for {', '.join(GRID)}")
+        if spec.name not in registry._METHODS:
+            continue  # not registered in this installation
+        specs += [MethodSpec(spec.name, {**point, **spec.params}) for point in GRID[spec.name](target / T, T, target)]
+    return list({s.label: s for s in specs}.values())
+
+
+def region_loss(r: PerplexityResult, length: int, window: int, beyond: bool) -> float:
+    """Token-weighted mean loss of the buckets at or past `window` (beyond) or before it."""
+    pairs = [(loss, c) for (s, e, loss), c in zip(r.bucket_loss[length], r.bucket_tokens[length])
+             if c and ((s >= window) if beyond else (e <= window))]
+    total = sum(c for _, c in pairs)
+    return sum(loss * c for loss, c in pairs) / total if total else float("nan")
+
+
+@dataclass
+class SweepResult(Result):
+    """Args:
+    target: evaluation length; trained_window: the model's.
+    ranking: one dict per candidate, best first: rank, method, params, label, ppl, loss_within, loss_beyond,
+        delta_vs_stock (loss_beyond minus stock's), bucket_loss, patch (the call that applies it), error.
+    """
+
+    target: int
+    trained_window: int
+    ranking: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def from_runs(cls, target: int, window: int, runs: list[tuple[MethodSpec, PerplexityResult | str]]) -> "SweepResult":
+        """Rank `runs` (a result, or an error message) by loss beyond the trained window."""
+        rows = []
+        for spec, r in runs:
+            row = dict(method=spec.name, params=dict(spec.params), label=spec.label, patch=spec.patch_call())
+            if isinstance(r, str):
+                row.update(ppl=float("nan"), loss_within=float("nan"), loss_beyond=float("nan"), bucket_loss=[],
+                           error=r)
+            else:
+                row.update(ppl=r.ppl[target], loss_within=region_loss(r, target, window, False),
+                           loss_beyond=region_loss(r, target, window, True), bucket_loss=r.bucket_loss[target],
+                           error="")
+            rows.append(row)
+        stock = next((x["loss_beyond"] for x in rows if x["method"] == STOCK), float("nan"))
+        rows.sort(key=lambda x: (math.isnan(x["loss_beyond"]), x["loss_beyond"]))
+        for i, x in enumerate(rows, 1):
+            x.update(rank=i, delta_vs_stock=x["loss_beyond"] - stock)
+        return cls(target, window, rows)
+
+    @property
+    def best(self) -> dict:
+        return self.ranking[0]
+
+    def rows(self) -> list[dict]:
+        keys = ("rank", "label", "ppl", "loss_within", "loss_beyond", "delta_vs_stock", "patch", "error")
+        return [{k: x[k] for k in keys} for x in self.ranking]
+
+    @classmethod
+    def _from_dict(cls, d: dict) -> "SweepResult":
+        nan = lambda v: float("nan") if v is None else v  # noqa: E731
+        rows = [{k: nan(v) if k in ("ppl", "loss_within", "loss_beyond", "delta_vs_stock") else v
+                 for k, v in x.items()} for x in d["ranking"]]
+        return cls(d["target"], d["trained_window"], rows)
+
+    def table(self) -> str:
+        """The ranked table as text, then the call that applies the winner."""
+        width = max(len(x["label"]) for x in self.ranking)
+        lines = [f"sweep at {self.target} tokens (trained window {self.trained_window}); ranked by mean loss at "
+                 f"positions >= {self.trained_window}",
+                 f"{'rank':>4}  {'method':<{width}}  {'ppl':>9}  {'loss<T':>7}  {'loss>=T':>7}  {'vs stock':>8}"]
+        for x in self.ranking:
+            if x["error"]:
+                lines.append(f"{x['rank']:>4}  {x['label']:<{width}}  error: {x['error']}")
+            else:
+                lines.append(f"{x['rank']:>4}  {x['label']:<{width}}  {x['ppl']:>9.3f}  {x['loss_within']:>7.3f}  "
+                             f"{x['loss_beyond']:>7.3f}  {x['delta_vs_stock']:>+8.3f}")
+        lines.append(f"best: {self.best['patch']}")
+        return "\n".join(lines)
+
+    def _draw(self, ax) -> None:
+        for x in self.ranking[:8]:
+            if not x["error"]:
+                ax.plot([(s + e) / 2 for s, e, _ in x["bucket_loss"]], [v for _, _, v in x["bucket_loss"]],
+                        marker="o", lw=2.5 if x["method"] == STOCK else 1.2, label=x["label"])
+        ax.axvline(self.trained_window, color="grey", ls="--", lw=1, label="trained window")
+        ax.set_xlabel("position in window (tokens)")
+        ax.set_ylabel("mean loss (nats / token)")
+        ax.set_title(f"sweep at {self.target} tokens (best 8)")
+        ax.legend(fontsize=7)
+
+
+def sweep(model, token_ids, target: int, methods=None, buckets=None, progress: bool = False) -> SweepResult:
+    """Evaluate the grid of each method (and the stock model) on the first `target` tokens of `token_ids`.
+
+    Args:
+        model: an unpatched LLaMA-layout model.
+        token_ids: one tokenized text of at least `target` tokens.
+        target: the context length you want to reach (> trained window).
+        methods: names or MethodSpecs to sweep (default: every registered method that has a grid).
+        buckets: position buckets, as in `perplexity`.
+        progress: show a tqdm bar.
+
+    Returns:
+        SweepResult; `.table()` prints the ranking and the winner's `llama_ctx.patch(...)` call.
+    """
+    from ..patch import state
+
+    if state(model) is not None:
+        raise ConfigError("sweep needs an unpatched model; call llama_ctx.unpatch(model) first")
+    ids = as_token_ids(token_ids)
+    check_enough(len(ids), target)
+    specs = candidates(model, target, methods)
+    runs = []
+    from tqdm.auto import tqdm
+
+    for spec in tqdm(specs, desc="sweep", disable=not progress):
+        try:
+            with spec.applied(model):
+                runs.append((spec, perplexity(model, ids[:target], [target], buckets=buckets)))
+        except LlamaCtxError as e:
+            runs.append((spec, f"{type(e).__name__}: {e}"))
+    return SweepResult.from_runs(target, trained_window(model), runs)

@@ -1,0 +1,355 @@
+import argparse
+import json
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ids, tiny_model
+
+import llama_ctx
+from llama_ctx import ConfigError
+from llama_ctx.eval import (GRID, NeedleResult, PasskeyResult, PerplexityResult, builtin_long_text, load_text, needle,
+                            parse_length, parse_method_spec, passkey, perplexity, sweep)
+from llama_ctx.eval import cli as eval_cli
+from llama_ctx.eval.needle import needle_prompt, needle_score
+from llama_ctx.eval.passkey import passkey_prompt
+from llama_ctx.eval.perplexity import bucket_edges
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer (printable ASCII + newline), built offline."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for c in ["\n"] + [chr(i) for i in range(32, 127)]:
+        vocab[c] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+# ---- perplexity -----------------------------------------------------------------------------------------------
+
+
+def reference_token_losses(model, seq, length, stride):
+    """The transformers guide's loop, written out: full logits, labels -100 outside the scored part.
+
+    Returns (position in window, loss) of every scored token and the guide's token-weighted mean NLL.
+    """
+    out, nll_sum, n_tokens, prev_end = [], 0.0, 0, 0
+    for begin in range(0, len(seq), stride):
+        end = min(begin + length, len(seq))
+        trg_len = end - prev_end
+        window = seq[begin:end][None]
+        labels = window.clone()
+        labels[:, :-trg_len] = -100
+        with torch.no_grad():
+            res = model(window, labels=labels)
+        losses = F.cross_entropy(res.logits[0, :-1].float(), labels[0, 1:], reduction="none", ignore_index=-100)
+        valid = (labels[0, 1:] != -100).nonzero().flatten()
+        out += [(int(j) + 1, float(losses[j])) for j in valid]
+        nll_sum += res.loss.item() * len(valid)
+        n_tokens += len(valid)
+        prev_end = end
+        if end == len(seq):
+            break
+    return out, nll_sum / n_tokens
+
+
+@pytest.mark.parametrize("length,stride,n", [(64, None, 200), (64, 16, 100), (48, 48, 150)])
+def test_perplexity_matches_guide_loop(model, length, stride, n):
+    seq = ids(n)[0]
+    res = perplexity(model, seq, [length], stride=stride, buckets=16)
+    scored, mean_nll = reference_token_losses(model, seq, length, stride or length)
+    assert res.tokens[length] == len(scored)
+    assert res.ppl[length] == pytest.approx(math.exp(mean_nll), rel=1e-5)
+    for (s, e, loss), count in zip(res.bucket_loss[length], res.bucket_tokens[length]):
+        inside = [x for p, x in scored if s <= p < e]
+        assert count == len(inside)
+        assert loss == pytest.approx(sum(inside) / len(inside), rel=1e-5)
+
+
+def test_every_token_but_the_first_is_scored_once_with_overlapping_windows(model):
+    # 100 tokens, windows of 64 every 16: [0,64) scores 63, [16,80) 16, [32,96) 16, [48,100) 4
+    res = perplexity(model, ids(100), [64], stride=16, buckets=[60])
+    assert res.tokens[64] == 99
+    # positions < 60: 1..59 of the first window, 48..59 of the next two, 48..51 of the last; >= 60: 60..63 of three
+    assert res.bucket_tokens[64] == [59 + 12 + 12 + 4, 4 + 4 + 4]
+
+
+def test_default_buckets_follow_the_trained_window():
+    assert bucket_edges(128, None, 64) == list(range(0, 129, 16))  # trained window / 4
+    assert bucket_edges(1024, None, 64) == list(range(0, 1025, 64))  # widened to 16 buckets, window aligned
+    assert bucket_edges(4096, None, 64) == list(range(0, 4097, 64))  # but never wider than the window
+    assert bucket_edges(80, None, None) == [0, 10, 20, 30, 40, 50, 60, 70, 80]  # length / 8
+    assert bucket_edges(64, [32, 16, 100], 64) == [0, 16, 32, 64]
+
+
+def test_perplexity_on_patched_model_reports_original_window_and_differs(model):
+    seq = ids(128)[0]
+    stock = perplexity(model, seq, [128])
+    with llama_ctx.patched(model, "pi", factor=2):
+        pi = perplexity(model, seq, [128])
+    assert pi.trained_window == stock.trained_window == 64
+    assert pi.ppl[128] != stock.ppl[128]
+    assert perplexity(model, seq, [128]).ppl[128] == stock.ppl[128]  # unpatched again
+
+
+def test_perplexity_bad_input(model):
+    with pytest.raises(ConfigError, match="50 tokens and 64 are needed"):
+        perplexity(model, ids(50), [64])
+    with pytest.raises(ConfigError, match="stride"):
+        perplexity(model, ids(80), [32], stride=40)
+    with pytest.raises(ConfigError, match="one sequence"):
+        perplexity(model, ids(80, batch=2), [32])
+
+
+def test_perplexity_result_round_trip_and_plot(model, tmp_path):
+    res = perplexity(model, ids(130), [64, 32], buckets=[1, 32])
+    assert math.isnan(res.bucket_loss[64][0][2])  # position 0 is never a target: empty bucket
+    back = PerplexityResult.from_json(res.to_json(tmp_path / "r.json"))
+    assert back.ppl == res.ppl and back.tokens == res.tokens and back.trained_window == 64
+    assert [x[:2] for x in back.bucket_loss[64]] == [x[:2] for x in res.bucket_loss[64]]
+    assert back.bucket_loss[64][1][2] == res.bucket_loss[64][1][2] and math.isnan(back.bucket_loss[64][0][2])
+    lines = res.to_csv(tmp_path / "r.csv").read_text().splitlines()
+    assert lines[0].startswith("length,ppl,tokens") and len(lines) == 1 + 3 + 2  # buckets [0,1) [1,32) [32,64); [0,1) [1,32)
+    assert res.plot(tmp_path / "r.png").stat().st_size > 1000
+
+
+# ---- passkey ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.75, 1.0])
+def test_passkey_prompt_length_and_depth(depth):
+    tok = char_tokenizer()
+    prompt, n = passkey_prompt(tok, 4000, depth, 12345)
+    assert n == len(tok(prompt)["input_ids"])
+    assert 4000 - 95 < n <= 4000  # within one filler group (90 characters) of the request
+    position = prompt.index("The pass key is 12345")  # one character per token
+    assert abs(position / n - depth) < 0.05
+
+
+class FakeLM(torch.nn.Module):
+    """generate() answers with the number after 'The pass key is' in the prompt (or a fixed wrong one)."""
+
+    def __init__(self, tokenizer, pattern=r"The pass key is (\d+)", wrong=False):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(1))
+        self.tok, self.pattern, self.wrong, self.seen = tokenizer, pattern, wrong, []
+
+    def generate(self, input_ids, attention_mask, do_sample, max_new_tokens, pad_token_id):
+        assert do_sample is False and attention_mask.shape == input_ids.shape
+        prompt = self.tok.decode(input_ids[0], skip_special_tokens=True)
+        self.seen.append(len(input_ids[0]))
+        found = re.search(self.pattern, prompt)
+        answer = " 00000." if self.wrong else " " + found.group(1) + "."
+        new = torch.tensor([self.tok(answer, add_special_tokens=False)["input_ids"][:max_new_tokens]])
+        return torch.cat([input_ids, new], 1)
+
+
+def test_passkey_scores_a_model_that_finds_the_key(tmp_path):
+    tok = char_tokenizer()
+    good = passkey(FakeLM(tok), tok, [600, 900], [0.0, 0.5, 1.0], trials=2, seed=3)
+    assert [c["accuracy"] for c in good.cells] == [1.0] * 6
+    assert good.accuracy[(900, 0.5)] == 1.0 and len(set(good.cells[0]["keys"])) == 2
+    bad = passkey(FakeLM(tok, wrong=True), tok, [600], [0.5], trials=3, seed=3)
+    assert bad.cells[0]["accuracy"] == 0.0 and bad.cells[0]["correct"] == 0
+    again = passkey(FakeLM(tok), tok, [900], [0.5], trials=2, seed=3)  # keys depend on the cell, not on order
+    assert again.cells[0]["keys"] == good.cells[4]["keys"]
+    back = PasskeyResult.from_json(good.to_json(tmp_path / "p.json"))
+    assert back.cells == good.cells
+    assert good.plot(tmp_path / "p.png").stat().st_size > 1000
+    assert "outputs" not in good.to_csv(tmp_path / "p.csv").read_text().splitlines()[0]
+
+
+def test_passkey_bad_input():
+    tok = char_tokenizer()
+    with pytest.raises(ConfigError, match="too short"):
+        passkey(FakeLM(tok), tok, [50], [0.5], 1, 0)
+    with pytest.raises(ConfigError, match="depths"):
+        passkey(FakeLM(tok), tok, [600], [1.5], 1, 0)
+
+
+# ---- needle ----------------------------------------------------------------------------------------------------
+
+NEEDLE = "The secret ingredient of the soup is fresh basil."
+QUESTION = "What is the secret ingredient of the soup? Answer: The secret ingredient is"
+
+
+def test_needle_score():
+    assert needle_score(" Fresh basil, of course.", "fresh basil") == 1.0
+    assert needle_score(" basil leaves", "fresh basil") == 0.5
+    assert needle_score(" tomato", "fresh basil") == 0.0
+
+
+def test_needle_prompt_places_the_needle_at_a_sentence_boundary_near_depth():
+    tok = char_tokenizer()
+    hay = builtin_long_text(10_000)
+    hay_ids = tok(hay, add_special_tokens=False)["input_ids"]
+    for depth in (0.0, 0.3, 0.7, 1.0):
+        prompt, n, _ = needle_prompt(tok, hay_ids, NEEDLE, QUESTION, 3000, depth)
+        at = prompt.index(NEEDLE)
+        assert 3000 - 4 <= n <= 3000 and prompt.endswith("\n\n" + QUESTION)
+        assert abs(at / n - depth) < 0.2 and (depth in (0, 1) or prompt[at - 2:at] == ". " or prompt[at - 1] == "\n")
+
+
+def test_needle_run_round_trip_and_heatmap(tmp_path):
+    tok = char_tokenizer()
+    fake = FakeLM(tok, pattern=r"The secret ingredient of the soup is (fresh basil)")
+    res = needle(fake, tok, builtin_long_text(10_000), NEEDLE, QUESTION, "fresh basil", [800, 1600], [0.0, 0.5, 1.0])
+    assert [c["score"] for c in res.cells] == [1.0] * 6 and res.score[(1600, 0.5)] == 1.0
+    assert NeedleResult.from_json(res.to_json(tmp_path / "n.json")).cells == res.cells
+    rows = res.to_csv(tmp_path / "n.csv").read_text().splitlines()
+    assert rows[0].startswith("length,depth,tokens") and len(rows) == 7
+    assert res.plot(tmp_path / "n.png").stat().st_size > 1000
+    with pytest.raises(ConfigError, match="haystack is too short"):
+        needle(fake, tok, "Tiny text.", NEEDLE, QUESTION, "basil", [800], [0.5])
+
+
+# ---- specs, text -----------------------------------------------------------------------------------------------
+
+
+def test_specs_and_lengths():
+    assert parse_length("8k") == 8192 and parse_length("32768") == 32768 and parse_length("1.5k") == 1536
+    spec = parse_method_spec("yarn:factor=4:beta_fast=16.5:original_max_position_embeddings=64")
+    assert spec.params == {"factor": 4, "beta_fast": 16.5, "original_max_position_embeddings": 64}
+    assert spec.patch_call() == "llama_ctx.patch(model, 'yarn', factor=4, beta_fast=16.5, " \
+                                "original_max_position_embeddings=64)"
+    assert parse_method_spec("linear:factor=2").name == "pi"  # aliases resolve
+    for bad, msg in [("8q", "bad length"), ("0", ">= 2"), ("1.3", "whole number")]:
+        with pytest.raises(ConfigError, match=msg):
+            parse_length(bad)
+    for bad, msg in [("pi:factor", "not key=value"), ("yarm:factor=2", "Did you mean 'yarn'"),
+                     ("stock:x=1", "no parameters"), (":factor=2", "no method name")]:
+        with pytest.raises(ConfigError, match=msg):
+            parse_method_spec(bad)
+
+
+def test_load_text_sources(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha text")
+    (tmp_path / "b.jsonl").write_text('{"body": "beta"}\n{"body": "gamma"}\n')
+    assert load_text(tmp_path / "a.txt") == "alpha text"
+    assert load_text(tmp_path / "b.jsonl", text_field="body") == "beta\n\ngamma"
+    assert load_text(tmp_path, text_field="body") == "alpha text\n\nbeta\n\ngamma"
+    with pytest.raises(ConfigError, match="no column 'text'.*body"):
+        load_text(tmp_path / "b.jsonl")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_text(tmp_path / "missing.txt")
+    text = builtin_long_text(100_000)
+    assert len(text) >= 100_000 and text == builtin_long_text(100_000) and "statement" in text
+
+
+# ---- sweep -----------------------------------------------------------------------------------------------------
+
+
+def test_sweep_ranks_grid_against_stock(model, tmp_path, monkeypatch):
+    seq = ids(128)[0]
+    monkeypatch.setitem(GRID, "not-registered", lambda r, T, L: [{"window": T}])
+    res = sweep(model, seq, 128, methods=["pi", "yarn", "not-registered"], buckets=32)
+    labels = [x["label"] for x in res.ranking]
+    # r = 128 / 64 = 2: factors r/2 = 1 (dropped: no extension), 2, 4; unregistered methods are skipped
+    assert sorted(labels) == ["pi:factor=2", "pi:factor=4", "stock", "yarn:factor=2", "yarn:factor=4"]
+    beyond = [x["loss_beyond"] for x in res.ranking]
+    assert beyond == sorted(beyond)
+    for x in res.ranking:  # loss beyond the trained window, recomputed from the dense reference
+        spec = parse_method_spec(x["label"])
+        with spec.applied(model):
+            scored, _ = reference_token_losses(model, seq, 128, 128)
+        ref = [loss for p, loss in scored if p >= 64]
+        assert x["loss_beyond"] == pytest.approx(sum(ref) / len(ref), rel=1e-5)
+    assert res.table().splitlines()[-1] == f"best: {res.best['patch']}"
+    assert llama_ctx.state(model) is None
+    assert res.plot(tmp_path / "s.png").stat().st_size > 1000
+    assert [x["label"] for x in type(res).from_json(res.to_json(tmp_path / "s.json")).ranking] == labels
+    with pytest.raises(ConfigError, match="must exceed the trained window"):
+        sweep(model, seq, 64)
+    with pytest.raises(ConfigError, match="no grid"):
+        sweep(model, seq, 128, methods=["base-truncation"])
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved(tmp_path):
+    path = tmp_path / "tiny"
+    tiny_model().save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    text = tmp_path / "book.txt"
+    text.write_text(builtin_long_text(20_000)[:20_000])
+    return path, text
+
+
+def cli(*argv):
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    eval_cli.add_parser(sub)
+    eval_cli.add_parser(sub)  # idempotent: cli.py lists this module for both `eval` and `sweep`
+    args = parser.parse_args([str(a) for a in argv])
+    return args.func(args)
+
+
+def test_cli_ppl_two_methods_side_by_side_and_resumable(saved, tmp_path, capsys, monkeypatch):
+    path, text = saved
+    out = tmp_path / "out"
+    base = ["eval", "ppl", "--model", path, "--text", text, "--out", out, "--methods", "stock,pi:factor=2"]
+    cli(*base, "--lengths", "32,128")
+    table = capsys.readouterr().out
+    assert re.search(r"stock\s+\S+\s+\S+", table) and "pi:factor=2" in table and "position bucket" in table
+    results = json.loads((out / "ppl" / "results.json").read_text())
+    model, tok = llama_ctx.io.load(path)
+    seq = tok(text.read_text()[:128 * 24])["input_ids"]
+    assert results["stock"]["ppl"]["128"] == pytest.approx(perplexity(model, seq[:128], [128]).ppl[128])
+    with llama_ctx.patched(model, "pi", factor=2):
+        assert results["pi:factor=2"]["ppl"]["32"] == pytest.approx(perplexity(model, seq[:32], [32]).ppl[32])
+    assert len(list((out / "ppl" / "cells").glob("*.json"))) == 4
+    for f in ("results.csv", "ppl-compare.png", "ppl-stock.png", "ppl-pi_factor=2.png"):
+        assert (out / "ppl" / f).stat().st_size > 0
+
+    calls = []
+    real = eval_cli.perplexity
+    monkeypatch.setattr(eval_cli, "perplexity", lambda m, t, lengths, *a: calls.append(lengths) or real(m, t, lengths, *a))
+    cli(*base, "--lengths", "32,128")  # everything is done already
+    assert calls == []
+    cli(*base, "--lengths", "32,64,128")  # only the new length is measured, earlier cells are kept
+    assert calls == [[64], [64]]
+    assert set(json.loads((out / "ppl" / "results.json").read_text())["stock"]["ppl"]) == {"32", "64", "128"}
+    with pytest.raises(ConfigError, match="other settings \\(windows differ\\)"):
+        cli(*base, "--lengths", "32", "--windows", "2")
+
+
+def test_cli_bad_input_fails_before_measuring(saved, tmp_path, monkeypatch):
+    path, text = saved
+    monkeypatch.setattr(eval_cli, "perplexity", lambda *a: pytest.fail("measured despite bad input"))
+    base = ["eval", "ppl", "--model", path, "--text", text, "--out", tmp_path / "o"]
+    for extra, msg in [(["--lengths", "8q"], "bad length"), (["--lengths", "32", "--methods", "pi:factor"], "key=value"),
+                       (["--lengths", "32", "--methods", "pi:factor=-1"], "factor must be > 0"),
+                       (["--lengths", "32", "--methods", "stock,stock"], "more than once"),
+                       (["--lengths", "100k"], r"has \d+ tokens and 102400 are needed"),
+                       (["--lengths", "32", "--text", tmp_path / "nope.txt"], "does not exist")]:
+        with pytest.raises(ConfigError, match=msg):
+            cli(*base, *extra)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "ppl").mkdir()
+    (tmp_path / "taken" / "ppl" / "mine.txt").write_text("user data")
+    with pytest.raises(ConfigError, match="not written by llama-ctx"):
+        cli("eval", "ppl", "--model", path, "--text", text, "--out", tmp_path / "taken", "--lengths", "32")
+
+
+def test_cli_passkey_and_sweep_run(saved, tmp_path, capsys):
+    path, text = saved
+    out = tmp_path / "out"
+    cli("eval", "passkey", "--model", path, "--out", out, "--lengths", "300", "--depths", "0,1", "--trials", "1",
+        "--methods", "stock,yarn:factor=4")
+    assert "passkey accuracy" in capsys.readouterr().out
+    cells = json.loads((out / "passkey" / "results.json").read_text())["yarn:factor=4"]["cells"]
+    assert [(c["length"], c["depth"], c["trials"]) for c in cells] == [(300, 0.0, 1), (300, 1.0, 1)]
+    cli("sweep", "--model", path, "--text", text, "--target", "128", "--methods", "pi", "--out", out)
+    printed = capsys.readouterr().out
+    assert "best: llama_ctx." in printed and (out / "sweep" / "sweep.csv").is_file()
+    cli("sweep", "--model", path, "--text", text, "--target", "128", "--methods", "pi", "--out", out)  # resumes
+    assert capsys.readouterr().out.splitlines()[:-1] == printed.splitlines()[:-1]
