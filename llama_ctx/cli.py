@@ -15,6 +15,9 @@ from .errors import LlamaCtxError
 SUBCOMMANDS = {
     "methods": "llama_ctx.cli",
     "inspect": "llama_ctx.cli",
+    "demo": "llama_ctx.demo",
+    "eval": "llama_ctx.eval.cli",
+    "sweep": "llama_ctx.eval.cli",
 }
 
 
