@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> None:
 def format_table(curves: dict, window: int) -> str:
     """Mean loss per bucket, one row per method; `|` marks the trained window."""
     first = next(iter(curves.values()))
-    heads = [f"{s // 1024}-{e // 1024}K" if e % 1024 == 0 else f"{s}-{e}" for s, e, _ in first]
+    heads = [f"{s / 1024:g}-{e / 1024:g}K" if s % 1024 == e % 1024 == 0 else f"{s}-{e}" for s, e, _ in first]
     marks = ["|" if s == window else " " for s, _, _ in first]
     width = max(len(label) for label in curves) + 2
     lines = [f"{'mean loss per position bucket':<{width}}" + "".join(f"{m}{h:>8}" for m, h in zip(marks, heads))
