@@ -1,6 +1,7 @@
 """Attention methods; importing this package registers them."""
 
-from . import selection, streaming  # noqa: F401  (register "topk", "block-topk", "streaming")
+# each import registers its methods
+from . import lambda_mask, leaky_rerope, rerope, selection, self_extend, streaming  # noqa: F401
 from .base import AttentionMethod
 
 __all__ = ["AttentionMethod"]
