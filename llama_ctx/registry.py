@@ -142,6 +142,13 @@ def check_int(name: str, value, *, ge: int = 1) -> int:
     return int(value)
 
 
+def check_flag(name: str, value) -> bool:
+    """`value` if it is a bool; `ConfigError` naming `name` otherwise (so "false" is not silently truthy)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def from_model(key: str = TRAINED_WINDOW, help: str = ""):
     """A dataclass field whose default (None) is filled from the model (see `make_params`)."""
     return field(default=None, metadata={"from_model": key, "help": help})

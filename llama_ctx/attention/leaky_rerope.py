@@ -5,15 +5,15 @@ P_q(i) = i / factor + window - window / factor and outer keys at P_k(j) = j / fa
 the cache stores keys rotated at j / factor). ReRoPE is the limit factor -> infinity.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from ..registry import check_int, check_number, from_model, register
+from ..registry import check_number, register
 from .engine import PositionalAttention, Scheme
-from .rerope import check_flag
+from .rerope import ReRoPEParams
 
 
 @dataclass
-class LeakyReRoPEParams:
+class LeakyReRoPEParams(ReRoPEParams):
     """Args:
     window: relative positions below it are exact.
     factor: slope divisor past the window, > 1; pick it so window + (target - window) / factor < trained length.
@@ -21,15 +21,10 @@ class LeakyReRoPEParams:
     training_length: trained context length; defaults to the model's.
     """
 
-    window: int
-    factor: float
-    log_scale: bool = True
-    training_length: int | None = from_model(help="trained window")
+    factor: float = field(kw_only=True)
 
     def __post_init__(self):
-        self.window = check_int("window", self.window)
-        self.training_length = check_int("training_length", self.training_length, ge=2)
-        self.log_scale = check_flag("log_scale", self.log_scale)
+        super().__post_init__()
         self.factor = check_number("factor", self.factor, gt=1)
 
 

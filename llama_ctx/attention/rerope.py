@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
-from ..registry import check_int, from_model, register
+from ..registry import check_flag, check_int, from_model, register
 from .engine import PositionalAttention, Scheme
 
 
@@ -32,12 +31,6 @@ class ReRoPEParams:
         self.window = check_int("window", self.window)
         self.training_length = check_int("training_length", self.training_length, ge=2)
         self.log_scale = check_flag("log_scale", self.log_scale)
-
-
-def check_flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{name} must be True or False, got {value!r}")
-    return value
 
 
 class ReRoPE(PositionalAttention):
