@@ -117,6 +117,13 @@ def state(model) -> dict | None:
     return {kind: a.describe() for kind, a in st.applied.items()}
 
 
+def trained_window(model) -> int:
+    """The context length `model` was trained on, as it was before any llama_ctx patch."""
+    backbone = backbone_of(model)
+    st = _get_state(backbone)
+    return (st.spec if st else RopeSpec.from_config(backbone.config)).trained_window
+
+
 def _get_state(backbone) -> PatchState | None:
     return vars(backbone).get(_STATE_ATTR)
 
