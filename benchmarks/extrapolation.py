@@ -44,6 +44,7 @@ METHODS = {
     "leaky-rerope:window=64,factor=16": ("leaky-rerope", dict(window=64, factor=16)),
     "self-extend:group_size=16,window=64": ("self-extend", dict(group_size=16, window=64)),
     "lambda:global_tokens=8": ("lambda", dict(global_tokens=8, local_window=WINDOW)),
+    "streaming:window=123": ("streaming", dict(window=123, sink_tokens=4)),  # 4 + 123 + 1 = 128
     "topk:k=32": ("topk", dict(k=32, local_window=WINDOW)),
     "block-topk:block_size=16,k_blocks=2": ("block-topk", dict(block_size=16, k_blocks=2, local_window=WINDOW)),
 }
@@ -87,6 +88,8 @@ def main():
     ap.add_argument("--checkpoint", default=str(RESULTS / "tiny-llama-128"))
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--quick", action="store_true", help="few methods, short eval (smoke test)")
+    ap.add_argument("--only", default=None, help="comma-separated labels to (re)evaluate; the others are kept from "
+                                                 "an earlier results/extrapolation.json")
     args = ap.parse_args()
     ckpt = Path(args.checkpoint)
     if args.retrain or not (ckpt / "config.json").exists():
@@ -98,8 +101,12 @@ def main():
     lengths = [WINDOW * m for m in (1, 2, 4, 8)]
     tokens = heldout[: (20_000 if args.quick else 200_000)]
     registered = {r["name"] for r in llama_ctx.methods()}
-    rows = {}
+    only = set(args.only.split(",")) if args.only else None
+    previous = RESULTS / "extrapolation.json"
+    rows = json.loads(previous.read_text())["perplexity"] if only and previous.exists() else {}
     for label, spec in METHODS.items():
+        if only is not None and label not in only:
+            continue
         if spec is not None and spec[0] not in registered:
             print(f"skip {label}: method not registered")
             continue
@@ -116,6 +123,7 @@ def main():
             llama_ctx.unpatch(model)
         rows[label] = {str(n): (res.ppl[n] if res else None) for n in lengths}
         print(f"{label:<40}" + "".join(f"{rows[label][str(n)] or float('nan'):>10.3f}" for n in lengths), flush=True)
+    rows = {label: rows[label] for label in METHODS if label in rows}  # table order = METHODS order
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "extrapolation.json").write_text(json.dumps(
         {"window": WINDOW, "lengths": lengths, "eval_tokens": len(tokens), "perplexity": rows}, indent=1))
