@@ -12,14 +12,87 @@ from the exact projection, so positions stay exact after any number of evictions
 
 Rows of a batch may hold different numbers of real tokens (left padding): the cache keeps a per-row `valid` mask
 (shared by all layers) and right-aligns each row's kept tokens, so padding never counts as a sink.
+
+`append` is `DynamicCache.update` for the token-selection methods without its O(L) copy per decoded token (see
+its docstring); the cache stays a standard `DynamicCache`.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .registry import check_int
+
+
+class _Spare:
+    """Buffers with spare capacity behind one `DynamicLayer`, and weak references to the views the layer holds."""
+
+    def __init__(self, key_buf, value_buf, keys, values):
+        self.capacity = key_buf.shape[2]
+        self.bufs = weakref.ref(key_buf), weakref.ref(value_buf)  # alive while a view of them is
+        self.views = weakref.ref(keys), weakref.ref(values)
+
+    def holds(self, layer) -> bool:
+        """The layer still holds exactly the views we gave it (not after reset, crop, reorder, batch ops...)."""
+        return self.views[0]() is layer.keys and self.views[1]() is layer.values
+
+
+_SPARES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # DynamicLayer -> _Spare
+
+
+def _capacity(tokens: int) -> int:
+    """Buffer size for `tokens` tokens: +25% (+16), so at most 1.25 x tokens + 16 slots are ever held."""
+    return tokens + tokens // 4 + 16
+
+
+def append(cache, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+    """`cache.update(key_states, value_states, layer_idx)`, in amortized O(new tokens) for a plain `DynamicLayer`.
+
+    `DynamicLayer.update` concatenates, i.e. copies the whole layer cache at every decoded token. Here the layer's
+    keys/values are views `buf[:, :, :n]` of buffers with spare capacity (`_capacity`): new states are written
+    into the spare slots and the layer gets new, longer views, so everything else (`get_seq_length`, `crop`,
+    `reorder_cache`, `reset`, `generate()`) sees a standard `DynamicLayer`. Views handed out earlier keep their
+    contents (only slots past their end are written). When the layer no longer holds the views recorded for it
+    (reset, crop, reorder, a layer seen for the first time) or the buffer is full, the current keys/values and the
+    new states are copied into a fresh buffer (the same cost as the concatenation it replaces).
+
+    Falls back to `cache.update` for other layer types, an offloading cache, a missing layer, states that need
+    autograd, or any dtype/device/shape mismatch (which then behaves, or fails, exactly as the standard path).
+    """
+    layers = getattr(cache, "layers", None)
+    layer = layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
+    if (type(layer) is not DynamicLayer or getattr(cache, "offloading", False)
+            or (torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad))):
+        return cache.update(key_states, value_states, layer_idx)
+    if not layer.is_initialized:
+        layer.lazy_initialization(key_states, value_states)
+    keys, values, T = layer.keys, layer.values, key_states.shape[2]
+    n = keys.shape[2] if keys.numel() else 0
+    states = (key_states, value_states)
+    spare = _SPARES.get(layer)
+    bufs = (spare.bufs[0](), spare.bufs[1]()) if spare is not None and spare.holds(layer) else (None, None)
+    if (any(b is None for b in bufs) or n + T > spare.capacity
+            or not all(_fits(b, s) for b, s in zip(bufs, states))):
+        if n and not all(_fits(old, s) for old, s in zip((keys, values), states)):
+            return cache.update(key_states, value_states, layer_idx)
+        cap = _capacity(n + T)
+        bufs = tuple(s.new_empty(*s.shape[:2], cap, *s.shape[3:]) for s in states)
+        if n:
+            bufs[0][:, :, :n], bufs[1][:, :, :n] = keys, values
+    for buf, s in zip(bufs, states):
+        buf[:, :, n:n + T] = s
+    layer.keys, layer.values = bufs[0][:, :, :n + T], bufs[1][:, :, :n + T]
+    _SPARES[layer] = _Spare(*bufs, layer.keys, layer.values)
+    return layer.keys, layer.values
+
+
+def _fits(t: torch.Tensor, states: torch.Tensor) -> bool:
+    """`t` can hold `states` along dim 2: same dtype, device and other dims (no silent broadcasting)."""
+    return (t.dim() == 4 and t.dtype == states.dtype and t.device == states.device
+            and t.shape[:2] == states.shape[:2] and t.shape[3:] == states.shape[3:])
 
 
 class StreamingLayer(DynamicLayer):

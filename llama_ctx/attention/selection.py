@@ -29,7 +29,8 @@ Cache: the standard `DynamicCache` holds *unrotated* keys; each call rotates onl
 or all keys of a prefill chunk) with the rotary frequencies current at call time, so any rope method composes.
 "block-topk" keeps per-block key sums next to the cache (per layer, weakly keyed by the cache object) and
 updates them incrementally; they are rebuilt whenever the cache no longer holds the tensor they were built on
-(reset, crop, reorder, a new cache).
+(reset, crop, reorder, a new cache). New keys/values go in with `llama_ctx.cache.append`, which writes them into
+spare capacity behind the layer's tensors instead of concatenating (copying) the whole cache at every step.
 
 Prefill runs in query chunks (never an L x L map). Decoding one token gathers only the sinks, the selected
 keys or blocks and the window; "block-topk" scores only the block means, so its cost grows with L / block_size.
@@ -45,6 +46,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 from transformers.models.llama.modeling_llama import rotate_half
 
+from ..cache import append
 from ..errors import UnsupportedModelError
 from ..registry import check_int, from_model, register
 from ..rope.module import cos_sin, rotary_frequencies
@@ -184,7 +186,7 @@ class _Selection(AttentionMethod):
             v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
             previous = _layer_keys(past_key_values, self.layer_idx)
             if past_key_values is not None:  # unrotated keys go into the standard cache
-                k, v = past_key_values.update(k, v, self.layer_idx)
+                k, v = append(past_key_values, self.layer_idx, k, v)  # = update(), O(1) amortized
                 _check_layer(past_key_values.layers[self.layer_idx])
             N = k.shape[2]
             position_ids = kwargs.get("position_ids")
