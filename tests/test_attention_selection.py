@@ -187,6 +187,85 @@ def test_block_sums_follow_a_reset_or_cropped_cache():
     torch.testing.assert_close(again, logits(model, b), atol=1e-5, rtol=0)
 
 
+def plain_update(cache, layer_idx, k, v):
+    return cache.update(k, v, layer_idx)  # the standard DynamicLayer path (torch.cat of the whole cache)
+
+
+@torch.no_grad()
+def decode_steps(model, x, prefill, cache):
+    """Logits of x[:, prefill:] decoded one token at a time after a prefill of x[:, :prefill]."""
+    out = [model(x[:, :prefill], past_key_values=cache).logits[:, -1]]
+    for t in range(prefill, x.shape[1] - 1):
+        out.append(model(x[:, t:t + 1], past_key_values=cache).logits[:, -1])
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("method,params", CASES, ids=["topk", "block-topk"])
+def test_buffered_append_gives_the_same_logits_and_bounded_memory(method, params, monkeypatch):
+    from llama_ctx.cache import _SPARES
+    model = tiny_model()
+    x = ids(90, seed=6)
+    llama_ctx.patch(model, method, **params)
+    cache = DynamicCache()
+    held, grown, kept = [], 0, {}
+
+    def spy(cache_, layer_idx, k, v):  # the real append, watching the buffers between calls
+        before = cache_.layers[layer_idx].keys if layer_idx < len(cache_.layers) else None
+        old = None if before is None else before.clone()
+        keys, values = append(cache_, layer_idx, k, v)
+        layer = cache_.layers[layer_idx]
+        assert keys is layer.keys and values is layer.values
+        if before is not None:
+            assert torch.equal(before, old)  # views handed out earlier keep their contents
+        spare = _SPARES.get(layer)
+        if spare is not None:
+            n, cap = keys.shape[2], spare.capacity
+            assert keys._base is spare.bufs[0]() and cap <= n + n // 4 + 16 + k.shape[2] and cap <= max(2 * n, 40)
+            nonlocal grown
+            grown += kept.get(layer_idx) != keys.data_ptr()
+            kept[layer_idx] = keys.data_ptr()
+            held.append(n)
+        return keys, values
+
+    import llama_ctx.attention.selection as selection
+    append = selection.append
+    monkeypatch.setattr(selection, "append", spy)
+    buffered = decode_steps(model, x, 12, cache)
+    assert len(held) == 2 * 77 and grown < 20  # buffered after the prefill, a few regrowths over 77 steps
+    monkeypatch.setattr(selection, "append", plain_update)
+    torch.testing.assert_close(buffered, decode_steps(model, x, 12, DynamicCache()), atol=1e-6, rtol=0)
+    expected = reference_logits(tiny_model(), x[:, :-1], method, params)[:, 11:]
+    torch.testing.assert_close(buffered, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method,params", CASES, ids=["topk", "block-topk"])
+def test_crop_reorder_reset_after_buffered_appends(method, params):
+    model = tiny_model()
+    llama_ctx.patch(model, method, **params)
+    a, b = ids(60, batch=2, seed=7), ids(60, batch=2, seed=8)
+    cache = DynamicCache()
+    with torch.no_grad():
+        decode_steps(model, a[:, :45], 10, cache)  # 44 tokens cached, the last 34 by buffered appends
+        assert cache.get_seq_length() == 44
+        before = cache.layers[0].keys, cache.layers[0].values  # (which keeps the buffers alive)
+        saved = [t.clone() for t in before]
+        cache.crop(-14)  # keep a[:, :30]: a view into the buffer
+        cache.reorder_cache(torch.tensor([1, 0]))  # swap the rows (a new tensor, the buffer is stale)
+        mixed = torch.cat([a.flip(0)[:, :30], b[:, 30:]], 1)
+        got = [model(mixed[:, t:t + 1], past_key_values=cache).logits[:, -1] for t in range(30, 59)]
+        torch.testing.assert_close(torch.stack(got, 1), logits(model, mixed)[:, 30:59], atol=1e-4, rtol=0)
+        assert cache.get_seq_length() == 59 and all(map(torch.equal, before, saved))  # old views were not written into
+        cache.crop(-9)  # a crop alone: the next appends must not overwrite what the cropped view leaves out
+        kept = cache.layers[1].values
+        mixed2 = torch.cat([mixed[:, :50], a[:, 50:]], 1)
+        got = [model(mixed2[:, t:t + 1], past_key_values=cache).logits[:, -1] for t in range(50, 59)]
+        torch.testing.assert_close(torch.stack(got, 1), logits(model, mixed2)[:, 50:59], atol=1e-4, rtol=0)
+        assert torch.equal(kept, cache.layers[1].values[:, :, :50])
+        cache.reset()
+        again = decode_steps(model, b, 20, cache)
+    torch.testing.assert_close(again, logits(model, b)[:, 19:59], atol=1e-4, rtol=0)
+
+
 BAD = [
     (dict(method="topk", k=0), ConfigError, "k must be >= 1"),
     (dict(method="topk", k=2.5), ConfigError, "k must be an integer"),
