@@ -19,13 +19,16 @@ def small_llama(seed: int = 0, attn_implementation: str = "sdpa", **overrides) -
 
 
 def best_times(fns: dict, repeats: int = 5, warmup: int = 1) -> dict[str, float]:
-    """Best wall time of each callable, running them interleaved so machine noise hits all alike."""
+    """Best wall time of each callable, run interleaved in a rotating order so machine noise and position in the
+    round (caches, clock ramps) hit all alike."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     best = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = fns[name]
             t = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - t)
