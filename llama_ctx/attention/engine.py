@@ -29,6 +29,7 @@ order use cache indices, so positions must grow by one per real token within a r
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -42,8 +43,9 @@ from .base import AttentionMethod
 CHUNK = 1024  # queries per chunk: bounds the per-chunk masks at CHUNK x (cache length) floats
 
 # NOTE: torch's CPU flash-attention kernel also returns the log-sum-exp, which the merge needs; the public
-# `scaled_dot_product_attention` does not. Elsewhere (other devices, older torch) `_attend_dense` computes
-# the same two tensors with plain matmuls.
+# `scaled_dot_product_attention` does not. It is a private op, so it is used only after `_flash_cpu_ok` has
+# checked it against `_attend_dense` on a tiny GQA input; elsewhere (other devices, a torch where the op is
+# missing or behaves differently) `_attend_dense` computes the same two tensors with plain matmuls.
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
@@ -199,9 +201,25 @@ def _bias(allowed, base, dtype):
 
 def _attend(q, k, v, bias, scale):
     """Softmax attention of q (B, H, C, d) over k, v (B, Hkv, K, d): (output, float32 log-sum-exp (B, H, C))."""
-    if _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16):
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and _flash_cpu_ok():
         return _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
     return _attend_dense(q, k, v, bias, scale)
+
+
+@functools.cache
+def _flash_cpu_ok() -> bool:
+    """Whether the private CPU flash op exists here and agrees with `_attend_dense` (output and log-sum-exp)."""
+    if _FLASH_CPU is None:
+        return False
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 5, 8, generator=g) for h in (4, 2, 2))
+    bias = torch.where(torch.rand(1, 1, 5, 5, generator=g) < 0.3, torch.finfo(torch.float32).min, 0.0)
+    try:
+        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=0.3)[:2]
+    except (RuntimeError, TypeError):
+        return False
+    ref_out, ref_lse = _attend_dense(q, k, v, bias, 0.3)
+    return bool(torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(lse, ref_lse, atol=1e-5))
 
 
 def _attend_dense(q, k, v, bias, scale):
