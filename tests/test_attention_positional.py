@@ -294,3 +294,21 @@ def test_self_extend_past_its_coverage_names_the_group_size_before_computing():
     assert not calls  # raised before any attention computation
     with pytest.raises(ConfigError, match="reaches 401.*group_size >= 9"):
         logits(model, ids(401))
+
+
+def test_private_flash_op_is_used_only_if_it_agrees_with_plain_matmuls(monkeypatch):
+    def wrong(q, k, v, *a, **kw):  # a torch whose private op changed behaviour
+        out, lse = engine._attend_dense(q, k, v, kw.get("attn_mask"), kw["scale"])
+        return out + 1e-3, lse
+
+    def gone(*a, **kw):
+        raise RuntimeError("no such op")
+
+    for bad in (wrong, gone, None):
+        monkeypatch.setattr(engine, "_FLASH_CPU", bad)
+        engine._flash_cpu_ok.cache_clear()
+        assert engine._flash_cpu_ok() is False
+    engine._flash_cpu_ok.cache_clear()
+    monkeypatch.undo()
+    assert engine._flash_cpu_ok() is (engine._FLASH_CPU is not None)
+    engine._flash_cpu_ok.cache_clear()
