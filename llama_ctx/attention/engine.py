@@ -38,6 +38,7 @@ import torch
 
 from ..errors import UnsupportedModelError
 from ..rope.module import cos_sin, rotary_frequencies
+from ..rope.module import rotate as rope_rotate
 from .base import AttentionMethod
 
 CHUNK = 1024  # queries per chunk: bounds the per-chunk masks at CHUNK x (cache length) floats
@@ -107,10 +108,8 @@ class PositionalAttention(AttentionMethod):
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE of x (B, H, L, d) with cos/sin (B, L, d), in transformers' rotate-half layout."""
-    cos, sin = cos[:, None], sin[:, None]
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """RoPE of x (B, H, L, d) with cos/sin (B, L, d): the same angles for every head."""
+    return rope_rotate(x, cos[:, None], sin[:, None])
 
 
 def positional_attention(attn, scheme: Scheme, rotary, hidden_states, attention_mask, cache, position_ids):

@@ -44,12 +44,11 @@ from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicLayer
-from transformers.models.llama.modeling_llama import rotate_half
 
 from ..cache import append
 from ..errors import UnsupportedModelError
 from ..registry import check_int, from_model, register
-from ..rope.module import cos_sin, rotary_frequencies
+from ..rope.module import cos_sin, rotary_frequencies, rotate
 from .base import AttentionMethod
 
 _CHUNK_ELEMENTS = 1 << 22  # score-map elements per prefill chunk (batch x heads x queries x keys)
@@ -97,8 +96,7 @@ class BlockTopKParams:
 
 def _rotate(x, positions, inv_freq, scaling):
     """RoPE of `x` at `positions` (broadcast against x.shape[:-1]), transformers' `rotate_half` layout."""
-    cos, sin = cos_sin(inv_freq, scaling, positions, x)
-    return x * cos + rotate_half(x) * sin
+    return rotate(x, *cos_sin(inv_freq, scaling, positions, x))
 
 
 def _scores(q, k):

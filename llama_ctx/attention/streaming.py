@@ -25,13 +25,14 @@ from dataclasses import dataclass
 
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
+from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from ..cache import StreamingCache
 from ..errors import ConfigError
 from ..registry import check_int, register
 from ..rope.module import cos_sin, rotary_frequencies
 from .base import AttentionMethod
+from .engine import rotate
 
 
 @dataclass
@@ -62,10 +63,6 @@ class _Step:
     sink: torch.Tensor | None  # [batch, past + new] bool, when some query is further than S + W from the sinks
     cos_qs: torch.Tensor | None = None  # queries at their place seen from the sinks, min(t, S + W)
     sin_qs: torch.Tensor | None = None
-
-
-def _rotate(x, cos, sin):
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
 class Streaming(AttentionMethod):
@@ -127,15 +124,15 @@ class Streaming(AttentionMethod):
             v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
             if past_key_values is not None:
                 k, v = past_key_values.update(k, v, self.layer_idx)  # unrotated, past + new
-            k = _rotate(k, step.cos_k, step.sin_k)
-            q_window = _rotate(q, step.cos_q, step.sin_q)
+            k = rotate(k, step.cos_k, step.sin_k)
+            q_window = rotate(q, step.cos_q, step.sin_q)
             if step.sink is None:
                 q = q_window
             else:
                 # NOTE: concatenating head dims gives per-key query rotations in one attention call:
                 # [q_w, q_s] . [k * not_sink, k * sink] = q_w . k for window keys and q_s . k for sinks.
                 sink = step.sink[:, None, :, None].to(k.dtype)
-                q = torch.cat([q_window, _rotate(q, step.cos_qs, step.sin_qs)], dim=-1)
+                q = torch.cat([q_window, rotate(q, step.cos_qs, step.sin_qs)], dim=-1)
                 k = torch.cat([k * (1 - sink), k * sink], dim=-1)
             interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
             out, weights = interface(self, q, k, v, step.mask, dropout=0.0 if not self.training else self.attention_dropout,

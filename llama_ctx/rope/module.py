@@ -61,6 +61,12 @@ def cos_sin(inv_freq: torch.Tensor, scaling: float, positions: torch.Tensor, x: 
     return (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of `x` in transformers' rotate-half layout: x * cos + rotate_half(x) * sin (cos/sin broadcast to x)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
 def rotary_frequencies(rotary: nn.Module, position_ids: torch.Tensor | None = None):
     """(float32 inv_freq, attention_scaling) of a llama_ctx or a stock transformers rotary module.
 
