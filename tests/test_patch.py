@@ -181,3 +181,18 @@ def test_methods_table_lists_every_method():
     for name in ["pi", "ntk", "dynamic-ntk", "yarn", "llama3", "base-truncation"]:
         assert rows[name]["kind"] == "rope" and rows[name]["description"]
     assert rows["pi"]["aliases"] == ["linear"] and rows["yarn"]["params"]["beta_fast"] == 32.0
+
+
+def test_rope_plus_attention_method_saved_and_reapplied(tmp_path):
+    model = tiny_model()
+    llama_ctx.patch(model, "yarn", factor=4)
+    llama_ctx.patch(model, "rerope", window=16)
+    x = ids(150)
+    expected = logits(model, x)
+    model.save_pretrained(tmp_path)
+    again = llama_ctx.from_pretrained(tmp_path).eval()
+    assert llama_ctx.state(again) == llama_ctx.state(model)
+    assert set(llama_ctx.state(again)) == {"rope", "attention"}
+    torch.testing.assert_close(logits(again, x), expected, atol=1e-5, rtol=0)
+    stock = logits(llama_ctx.unpatch(model), x)
+    torch.testing.assert_close(logits(llama_ctx.unpatch(again), x), stock, atol=1e-5, rtol=0)
