@@ -73,6 +73,7 @@ class PatchContext:
     model: torch.nn.Module  # what the user passed
     backbone: torch.nn.Module  # the module holding `layers` and `rotary_emb`
     spec: RopeSpec
+    rope: Applied | None = None  # the rope method already applied, if any
 
     @property
     def attention_modules(self) -> list[torch.nn.Module]:
@@ -150,7 +151,7 @@ def patch(model, method: str, **params):
             f"this model already has the {m.kind} method {st.applied[m.kind].method.name!r}; "
             f"call llama_ctx.unpatch(model) before applying {m.name!r}."
         )
-    ctx = PatchContext(model, backbone, spec)
+    ctx = PatchContext(model, backbone, spec, st.applied.get("rope") if st else None)
     attention = (st.applied["attention"] if st and "attention" in st.applied else None)
     if m.kind == "attention":
         m.impl.validate(p, ctx)

@@ -68,11 +68,8 @@ class _Step:
 class Streaming(AttentionMethod):
     def validate(self, params, ctx) -> None:
         super().validate(params, ctx)
-        from ..patch import _get_state  # the rope method already applied, if any, may extend the window
-
-        st = _get_state(ctx.backbone)
-        rope = st.applied.get("rope") if st else None
-        factor = float(getattr(rope.params, "factor", 1.0)) if rope else 1.0
+        # the rope method already applied, if any, may extend the window
+        factor = float(getattr(ctx.rope.params, "factor", None) or 1.0) if ctx.rope else 1.0
         limit = int(ctx.spec.trained_window * max(factor, 1.0))
         if params.sink_tokens + params.window + 1 > limit:
             raise ConfigError(
