@@ -13,8 +13,8 @@ from the exact projection, so positions stay exact after any number of evictions
 Rows of a batch may hold different numbers of real tokens (left padding): the cache keeps a per-row `valid` mask
 (shared by all layers) and right-aligns each row's kept tokens, so padding never counts as a sink.
 
-`append` is `DynamicCache.update` for the token-selection methods without its O(L) copy per decoded token (see
-its docstring); the cache stays a standard `DynamicCache`.
+`append` is `DynamicCache.update` without its O(L) copy per decoded token (see its docstring), for the attention
+methods that own their forward (position-rewriting and token-selection); the cache stays a standard `DynamicCache`.
 """
 
 from __future__ import annotations

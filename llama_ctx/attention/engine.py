@@ -36,6 +36,7 @@ from typing import Callable
 
 import torch
 
+from ..cache import append
 from ..errors import UnsupportedModelError
 from ..rope.module import cos_sin, rotary_frequencies
 from ..rope.module import rotate as rope_rotate
@@ -135,7 +136,7 @@ def positional_attention(attn, scheme: Scheme, rotary, hidden_states, attention_
     q_outer = rotate(q, *cos_sin(inv_freq, scaling, scheme.outer_q(pos), q))
     k = rotate(k, *cos_sin(inv_freq, scaling, scheme.outer_k(pos), k))
     if cache is not None:
-        k, v = cache.update(k, v, attn.layer_idx)
+        k, v = append(cache, attn.layer_idx, k, v)  # in place: no whole-cache copy per decoded token
 
     T, w = k.shape[2], scheme.window
     first = T - L  # cache index of the first query
