@@ -16,6 +16,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import llama_ctx
+from llama_ctx.compat import cache_kwargs, output_cache
 from llama_ctx.attention.engine import rotate
 from llama_ctx.rope.module import cos_sin
 
@@ -123,13 +124,13 @@ def decode_section(method, context=16384, steps=8):
 
     def decoder(model):
         out = model(x, use_cache=True)
-        cache, first = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, first = output_cache(out), out.logits[:, -1:].argmax(-1)
 
         def decode():
             token = first
             for i in range(steps):
                 pos = torch.tensor([[context + i]])
-                token = model(token, past_key_values=cache, position_ids=pos, use_cache=True).logits.argmax(-1)
+                token = model(token, **cache_kwargs(cache), position_ids=pos, use_cache=True).logits.argmax(-1)
             cache.crop(-steps)  # the next repetition decodes the same steps again
         return decode
 

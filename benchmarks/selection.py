@@ -20,6 +20,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import llama_ctx
+from llama_ctx.compat import cache_kwargs
 
 CONFIG = dict(hidden_size=896, num_hidden_layers=2, num_attention_heads=14, num_key_value_heads=2,
               intermediate_size=4864, vocab_size=1000, max_position_embeddings=4096)
@@ -65,7 +66,7 @@ def step(model, cache, token, position, spent) -> tuple[float, float]:
     """(whole step, attention modules) seconds for one decoded token."""
     spent[0] = 0.0
     t0 = time.perf_counter()
-    model(token, past_key_values=cache, position_ids=torch.tensor([[position]]), use_cache=True)
+    model(token, **cache_kwargs(cache), position_ids=torch.tensor([[position]]), use_cache=True)
     return time.perf_counter() - t0, spent[0]
 
 

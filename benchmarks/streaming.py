@@ -18,6 +18,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import llama_ctx
+from llama_ctx.compat import cache_kwargs, output_cache
 
 
 def model():
@@ -36,7 +37,7 @@ def stream(m, tokens, chunk, cache=None):
     for i in range(steps):
         x = torch.randint(0, 1000, (1, chunk), generator=g)
         t0 = time.perf_counter()
-        cache = m(x, past_key_values=cache, use_cache=True).past_key_values
+        cache = output_cache(m(x, **cache_kwargs(cache), use_cache=True))
         times.append(time.perf_counter() - t0)
         if i == steps // 20:
             early = copy.deepcopy(cache)
@@ -51,7 +52,7 @@ def probe(m, early, late, chunk, steps=200):
     for _ in range(steps):
         for name in t:
             t0 = time.perf_counter()
-            caches[name] = m(x, past_key_values=caches[name], use_cache=True).past_key_values
+            caches[name] = output_cache(m(x, **cache_kwargs(caches[name]), use_cache=True))
             t[name].append(time.perf_counter() - t0)
     return statistics.median(t["late"]) / statistics.median(t["early"])
 

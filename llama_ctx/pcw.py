@@ -22,6 +22,7 @@ import numbers
 import torch
 from transformers import DynamicCache
 
+from .compat import cache_kwargs
 from .errors import ConfigError
 
 __all__ = ["prepare", "generate", "score"]
@@ -109,12 +110,12 @@ def generate(model, tokenizer, contexts: list[str], prompt: str, **generate_kwar
     x = {k: v.to(device) for k, v in prepare(windows, task, dtype).items()}
     cache = DynamicCache(config=model.config)
     model(input_ids=x["input_ids"][:, :-1], position_ids=x["position_ids"][:, :-1],
-          attention_mask=x["attention_mask"][..., :-1, :-1], past_key_values=cache, use_cache=True)
+          attention_mask=x["attention_mask"][..., :-1, :-1], **cache_kwargs(cache), use_cache=True)
     n = x["input_ids"].shape[1]
     # NOTE: with n - 1 tokens cached, generate() feeds only the last one; its 2D all-ones mask lets it and every
     # later token see the whole cache, which is exactly the PCW rule for task tokens.
     out = model.generate(input_ids=x["input_ids"], attention_mask=torch.ones_like(x["input_ids"]),
-                         position_ids=x["position_ids"], past_key_values=cache, **generate_kwargs)
+                         position_ids=x["position_ids"], **cache_kwargs(cache), **generate_kwargs)
     sequences = out.sequences if hasattr(out, "sequences") else out
     return tokenizer.decode(sequences[0, n:], skip_special_tokens=True)
 
@@ -140,7 +141,7 @@ def score(model, tokenizer, contexts: list[str], prompt: str, choices: list[str]
     device, dtype = _device_dtype(model)
     x = {k: v.to(device) for k, v in prepare(windows, [], dtype).items()}
     cache = DynamicCache(config=model.config)
-    model(**x, past_key_values=cache, use_cache=True)
+    model(**x, **cache_kwargs(cache), use_cache=True)
     n, start = x["input_ids"].shape[1], int(x["position_ids"].max()) + 1
     scores = []
     for choice in choices:
@@ -150,7 +151,7 @@ def score(model, tokenizer, contexts: list[str], prompt: str, choices: list[str]
         mask = torch.zeros(t, n + t, dtype=dtype, device=device)  # every window, then the task causally
         mask[:, n:].masked_fill_(~torch.ones(t, t, dtype=torch.bool, device=device).tril(), torch.finfo(dtype).min)
         logits = model(input_ids=ids, position_ids=start + torch.arange(t, device=device)[None],
-                       attention_mask=mask[None, None], past_key_values=cache, use_cache=True).logits
+                       attention_mask=mask[None, None], **cache_kwargs(cache), use_cache=True).logits
         cache.crop(-t)
         logp = logits[0, len(task) - 1:-1].float().log_softmax(-1)
         scores.append(logp.gather(-1, ids[0, len(task):, None]).sum())

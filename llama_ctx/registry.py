@@ -26,7 +26,7 @@ class Method:
     kind: Kind
     params: type  # a dataclass
     description: str
-    impl: Any  # rope: frequency function; attention: object with `make_forward`, see attention/
+    impl: Any  # rope: frequency function; attention: an `AttentionMethod` (see attention/base.py)
     aliases: tuple[str, ...] = ()
     native: Callable | None = None  # (params, spec) -> native transformers `rope_parameters`, or None
     dynamic: bool = False  # rope: frequencies depend on the current sequence length
@@ -47,6 +47,8 @@ def register(name: str, kind: Kind, params: type, impl: Any, description: str, a
         if n in _METHODS or n in _ALIASES:
             raise ValueError(f"method name {n!r} is already registered")
     method = Method(name, kind, params, description.strip(), impl, tuple(aliases), native, dynamic)
+    if kind == "attention":
+        impl.name = name  # for its error messages
     _METHODS[name] = method
     _ALIASES.update({a: name for a in aliases})
     return method

@@ -72,7 +72,7 @@ def dense_attention(attn, hidden, pos, key_real, method, p, inv_freq, scaling):
 @contextlib.contextmanager
 def dense_reference(model, method, p, key_real, inv_freq, scaling=1.0):
     """Every attention module of `model` computes `dense_attention` while inside."""
-    def forward(attn, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kw):
+    def forward(attn, hidden_states, position_embeddings=None, attention_mask=None, **kw):
         return dense_attention(attn, hidden_states, kw["position_ids"], key_real, method, p, inv_freq, scaling), None
 
     layers = [layer.self_attn for layer in model.model.layers]

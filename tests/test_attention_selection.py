@@ -14,6 +14,7 @@ from transformers import DynamicCache, MistralConfig, MistralForCausalLM
 
 import llama_ctx
 from llama_ctx import ConfigError, LlamaCtxError, UnsupportedModelError
+from llama_ctx.compat import cache_kwargs
 from conftest import TINY, clone_with, ids, logits, tiny_model
 
 TOPK = dict(k=3, sink_tokens=2, local_window=16)
@@ -51,7 +52,7 @@ def visible_keys(method, p, i, group_q_far, k0):
 
 
 def reference_forward(method, p, inv_freq, scaling):
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kw):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kw):
         (_, L, _), d = hidden_states.shape, self.head_dim
         x = hidden_states[0].double()
         proj = lambda lin: (x @ lin.weight.double().T).view(L, -1, d).transpose(0, 1)  # noqa: E731
@@ -177,13 +178,13 @@ def test_block_sums_follow_a_reset_or_cropped_cache():
     a, b = ids(30, seed=4), ids(30, seed=5)
     cache = DynamicCache()
     with torch.no_grad():
-        model(a, past_key_values=cache)
+        model(a, **cache_kwargs(cache))
         cache.crop(-12)  # keep a[:, :18], then continue with b's tokens
-        step = model(b[:, 18:], past_key_values=cache).logits
+        step = model(b[:, 18:], **cache_kwargs(cache)).logits
         torch.testing.assert_close(step, logits(model, torch.cat([a[:, :18], b[:, 18:]], 1))[:, 18:],
                                    atol=1e-5, rtol=0)
         cache.reset()
-        again = model(b, past_key_values=cache).logits
+        again = model(b, **cache_kwargs(cache)).logits
     torch.testing.assert_close(again, logits(model, b), atol=1e-5, rtol=0)
 
 
@@ -194,9 +195,9 @@ def plain_update(cache, layer_idx, k, v):
 @torch.no_grad()
 def decode_steps(model, x, prefill, cache):
     """Logits of x[:, prefill:] decoded one token at a time after a prefill of x[:, :prefill]."""
-    out = [model(x[:, :prefill], past_key_values=cache).logits[:, -1]]
+    out = [model(x[:, :prefill], **cache_kwargs(cache)).logits[:, -1]]
     for t in range(prefill, x.shape[1] - 1):
-        out.append(model(x[:, t:t + 1], past_key_values=cache).logits[:, -1])
+        out.append(model(x[:, t:t + 1], **cache_kwargs(cache)).logits[:, -1])
     return torch.stack(out, 1)
 
 
@@ -252,13 +253,13 @@ def test_crop_reorder_reset_after_buffered_appends(method, params):
         cache.crop(-14)  # keep a[:, :30]: a view into the buffer
         cache.reorder_cache(torch.tensor([1, 0]))  # swap the rows (a new tensor, the buffer is stale)
         mixed = torch.cat([a.flip(0)[:, :30], b[:, 30:]], 1)
-        got = [model(mixed[:, t:t + 1], past_key_values=cache).logits[:, -1] for t in range(30, 59)]
+        got = [model(mixed[:, t:t + 1], **cache_kwargs(cache)).logits[:, -1] for t in range(30, 59)]
         torch.testing.assert_close(torch.stack(got, 1), logits(model, mixed)[:, 30:59], atol=1e-4, rtol=0)
         assert cache.get_seq_length() == 59 and all(map(torch.equal, before, saved))  # old views were not written into
         cache.crop(-9)  # a crop alone: the next appends must not overwrite what the cropped view leaves out
         kept = cache.layers[1].values
         mixed2 = torch.cat([mixed[:, :50], a[:, 50:]], 1)
-        got = [model(mixed2[:, t:t + 1], past_key_values=cache).logits[:, -1] for t in range(50, 59)]
+        got = [model(mixed2[:, t:t + 1], **cache_kwargs(cache)).logits[:, -1] for t in range(50, 59)]
         torch.testing.assert_close(torch.stack(got, 1), logits(model, mixed2)[:, 50:59], atol=1e-4, rtol=0)
         assert torch.equal(kept, cache.layers[1].values[:, :, :50])
         cache.reset()

@@ -9,6 +9,7 @@ from transformers import DynamicCache
 import llama_ctx
 from llama_ctx import ConfigError, UnsupportedModelError
 from llama_ctx.cache import StreamingCache
+from llama_ctx.compat import cache_kwargs, output_cache
 from conftest import clone_with, ids, logits, tiny_model
 
 S, W = 4, 16
@@ -57,7 +58,7 @@ def greedy(model, x, new, **kw):
     kw.setdefault("attention_mask", torch.ones_like(x))  # token 0 in x is a word, not padding
     out = model.generate(x, max_new_tokens=new, do_sample=False, return_dict_in_generate=True, output_logits=True,
                          pad_token_id=0, eos_token_id=None, **kw)
-    return out.sequences, torch.stack(out.logits, dim=1), out.past_key_values
+    return out.sequences, torch.stack(out.logits, dim=1), output_cache(out)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
@@ -80,7 +81,7 @@ def test_chunks_through_a_full_cache_match_reference():
     x, cache, out = ids(75), StreamingCache(S, W), []
     with torch.no_grad():
         for start in range(0, 75, 7):  # chunks of 7 after the cache is full: sinks seen from several places
-            out.append(model(x[:, start:start + 7], past_key_values=cache).logits)
+            out.append(model(x[:, start:start + 7], **cache_kwargs(cache)).logits)
     torch.testing.assert_close(torch.cat(out, 1)[0], dense_reference(model, x[0]), atol=1e-4, rtol=0)
 
 
@@ -102,7 +103,7 @@ class RecordingCache(StreamingCache):
 def test_cache_stays_bounded_over_long_generate(model):
     llama_ctx.patch(model, "streaming", sink_tokens=S, window=32)
     cache = RecordingCache(S, 32)
-    seq, _, _ = greedy(model, ids(10), 300, past_key_values=cache)
+    seq, _, _ = greedy(model, ids(10), 300, **cache_kwargs(cache))
     assert seq.shape[1] == 310 and cache.get_seq_length() == 309
     assert max(cache.sizes) == S + 32 and cache.sizes[-270:] == [S + 32] * 270
     assert all(layer.keys.shape[-2] == S + 32 for layer in cache.layers)
@@ -148,7 +149,7 @@ def test_unpatch_is_bit_exact(model):
     assert torch.equal(logits(model, x), before)
     assert "forward" not in vars(model.model) and forwards == [None, None]
     assert [vars(layer.self_attn).get("forward") for layer in model.model.layers] == forwards
-    assert isinstance(model(x, use_cache=True).past_key_values, DynamicCache)
+    assert isinstance(output_cache(model(x, use_cache=True)), DynamicCache)
 
 
 @pytest.mark.parametrize("params,match", [
@@ -187,8 +188,8 @@ def test_bad_runtime_inputs(model):
     filled = DynamicCache()
     filled.update(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), 0)
     with pytest.raises(ConfigError, match="bounded cache"):
-        model(x, past_key_values=filled)
+        model(x, **cache_kwargs(filled))
     with pytest.raises(ConfigError, match="sink_tokens=2, window=8"):
-        model(x, past_key_values=StreamingCache(2, 8))
+        model(x, **cache_kwargs(StreamingCache(2, 8)))
     with pytest.raises(ConfigError, match="2D padding mask"):
         model(x, attention_mask=torch.zeros(1, 1, 20, 20))

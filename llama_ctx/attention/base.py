@@ -4,18 +4,48 @@ An attention method is registered with kind "attention" and an `impl` that subcl
 `patch()` calls, in order: `validate` (model-dependent checks, before anything changes), `rope_conflict`
 (composition with the active or requested rope method) and `apply`, which must make every change through
 `patcher.set(obj, name, value)` so that `unpatch()` can revert it exactly.
+
+By default `apply` puts a `PatchedForward` on each attention module. It takes the arguments as the installed
+transformers passes them (the cache under `cache` or `past_key_values`, see `llama_ctx.compat`), raises for any
+argument the method does not handle, and calls `attend(fwd, attn, hidden_states, attention_mask, cache,
+position_ids)`, which subclasses implement.
 """
 
 from __future__ import annotations
 
-import types
-
+from .. import compat
 from ..errors import UnsupportedModelError
+
+
+class PatchedForward:
+    """The `forward` of one patched attention module: argument handling shared by every attention method.
+
+    Attributes:
+        name: the method's registered name (for errors).
+        impl: the `AttentionMethod`.
+        params: the method's parameters.
+        module: the attention module this forward belongs to.
+        backbone: the decoder stack; its `rotary_emb` is read at call time (a rope method may come later).
+        extra: whatever the method prepared in `prepare` (e.g. its position scheme).
+    """
+
+    def __init__(self, name, impl, params, module, backbone, extra=None):
+        self.name, self.impl, self.params, self.extra = name, impl, params, extra
+        self.module, self.backbone = module, backbone
+
+    def __call__(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        cache = compat.take_cache(kwargs, self.name)
+        position_ids = kwargs.pop("position_ids", None)
+        compat.check_unhandled(kwargs, self.name)
+        out = self.impl.attend(self, self.module, hidden_states, attention_mask, cache, position_ids)
+        return out, None
 
 
 class AttentionMethod:
     #: attention implementations (`config._attn_implementation`) this method works with
     attn_implementations: tuple[str, ...] = ("eager", "sdpa")
+    #: set by `register` through the registry: the method's name, for errors
+    name: str = "attention method"
 
     def validate(self, params, ctx) -> None:
         """Raise a `LlamaCtxError` if `params` cannot work on this model. Must not change anything."""
@@ -26,17 +56,24 @@ class AttentionMethod:
                 f"attn_implementation in {self.attn_implementations} (e.g. "
                 f"from_pretrained(..., attn_implementation={self.attn_implementations[-1]!r}))."
             )
+        # the forward we replace must take nothing we do not handle (a future transformers rename fails here)
+        for attn in {type(a): a for a in ctx.attention_modules}.values():
+            compat.check_signature(type(attn).forward, self.name)
 
     def rope_conflict(self, params, rope_method) -> str | None:
         """Why `rope_method` cannot be combined with this method, or None if it can."""
         return None
 
     def apply(self, params, ctx, patcher) -> None:
-        """Patch the model; by default replace each attention module's `forward` with `self.forward`."""
+        """Patch the model; by default put a `PatchedForward` on each attention module."""
+        extra = self.prepare(params, ctx)
         for attn in ctx.attention_modules:
-            bound = types.MethodType(self.make_forward(params, ctx, attn), attn)
-            patcher.set(attn, "forward", bound)
+            patcher.set(attn, "forward", PatchedForward(self.name, self, params, attn, ctx.backbone, extra))
 
-    def make_forward(self, params, ctx, attn):
-        """A function `(self_attn, hidden_states, position_embeddings, attention_mask, past_key_values, **kw)`."""
+    def prepare(self, params, ctx):
+        """Anything the forwards share, computed once at patch time (stored as `PatchedForward.extra`)."""
+        return None
+
+    def attend(self, fwd: PatchedForward, attn, hidden_states, attention_mask, cache, position_ids):
+        """The attention block of `attn` (projections included): (B, L, hidden)."""
         raise NotImplementedError

@@ -95,17 +95,13 @@ class PositionalAttention(AttentionMethod):
                     "'ntk' or 'pi'.")
         return None
 
-    def make_forward(self, params, ctx, attn):
-        scheme, backbone = self.scheme(params, ctx), ctx.backbone
+    def prepare(self, params, ctx) -> Scheme:
+        return self.scheme(params, ctx)
 
-        def forward(self_attn, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
-                    **kwargs):
-            # the rotary module is read at call time: a rope method may be patched after this one
-            out = positional_attention(self_attn, scheme, backbone.rotary_emb, hidden_states, attention_mask,
-                                       past_key_values, kwargs.get("position_ids"))
-            return out, None
-
-        return forward
+    def attend(self, fwd, attn, hidden_states, attention_mask, cache, position_ids):
+        # the rotary module is read at call time: a rope method may be patched after this one
+        return positional_attention(attn, fwd.extra, fwd.backbone.rotary_emb, hidden_states, attention_mask, cache,
+                                    position_ids)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,6 @@ keys or blocks and the window; "block-topk" scores only the block means, so its 
 
 from __future__ import annotations
 
-import types
 import weakref
 from dataclasses import dataclass
 
@@ -171,42 +170,41 @@ class _Selection(AttentionMethod):
                 "(e.g. from_pretrained(..., sliding_window=None))."
             )
 
-    def make_forward(self, params, ctx, attn):
-        method = self
-        states = weakref.WeakKeyDictionary()  # cache -> _BlockSums of this layer
+    def prepare(self, params, ctx):
+        return weakref.WeakKeyDictionary()  # cache -> {layer_idx: _BlockSums}
 
-        def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
-                    **kwargs):
-            B, T, _ = hidden_states.shape
-            shape = (B, T, -1, self.head_dim)
-            q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-            k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-            v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-            previous = _layer_keys(past_key_values, self.layer_idx)
-            if past_key_values is not None:  # unrotated keys go into the standard cache
-                k, v = append(past_key_values, self.layer_idx, k, v)  # = update(), O(1) amortized
-                _check_layer(past_key_values.layers[self.layer_idx])
-            N = k.shape[2]
-            position_ids = kwargs.get("position_ids")
-            if position_ids is None:
-                position_ids = torch.arange(N - T, N, device=q.device)[None]
-            offset = (N - 1) - position_ids[:, -1].expand(B)  # cache index - position, per row
-            key_pos = torch.arange(N, device=q.device)[None] - offset[:, None]  # (B, N); < 0: left padding
-            inv_freq, scaling = rotary_frequencies(ctx.backbone.rotary_emb, position_ids)
-            rot = lambda x, pos: _rotate(x, pos, inv_freq, scaling)  # noqa: E731
-            blocks = None
-            if method.keeps_blocks:
-                blocks = _BlockSums() if past_key_values is None else states.setdefault(past_key_values, _BlockSums())
-                blocks.update(k, key_pos, params.block_size, previous)
-            g = q.shape[1] // k.shape[1]
-            q = q.reshape(B, k.shape[1], g, T, self.head_dim)
-            q_far = rot(q, torch.tensor(params.local_window, device=q.device)) * scaling  # vs R(0) k = scaling * k
-            run = method._decode if T == 1 else method._prefill
-            out = run(params, q, q_far, k, v, key_pos, rot, blocks, self.scaling)  # (B, Hkv, g, T, d)
-            out = out.reshape(B, -1, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)
-            return self.o_proj(out), None
-
-        return forward
+    def attend(self, fwd, attn, hidden_states, attention_mask, cache, position_ids):
+        params = fwd.params
+        B, T, _ = hidden_states.shape
+        shape = (B, T, -1, attn.head_dim)
+        q = attn.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = attn.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = attn.v_proj(hidden_states).view(shape).transpose(1, 2)
+        previous = _layer_keys(cache, attn.layer_idx)
+        if cache is not None:  # unrotated keys go into the standard cache
+            k, v = append(cache, attn.layer_idx, k, v)  # = update(), O(1) amortized
+            _check_layer(cache.layers[attn.layer_idx])
+        N = k.shape[2]
+        if position_ids is None:
+            position_ids = torch.arange(N - T, N, device=q.device)[None]
+        offset = (N - 1) - position_ids[:, -1].expand(B)  # cache index - position, per row
+        key_pos = torch.arange(N, device=q.device)[None] - offset[:, None]  # (B, N); < 0: left padding
+        inv_freq, scaling = rotary_frequencies(fwd.backbone.rotary_emb, position_ids)
+        rot = lambda x, pos: _rotate(x, pos, inv_freq, scaling)  # noqa: E731
+        blocks = None
+        if self.keeps_blocks:
+            if cache is None:
+                blocks = _BlockSums()
+            else:
+                blocks = fwd.extra.setdefault(cache, {}).setdefault(attn.layer_idx, _BlockSums())
+            blocks.update(k, key_pos, params.block_size, previous)
+        g = q.shape[1] // k.shape[1]
+        q = q.reshape(B, k.shape[1], g, T, attn.head_dim)
+        q_far = rot(q, torch.tensor(params.local_window, device=q.device)) * scaling  # vs R(0) k = scaling * k
+        run = self._decode if T == 1 else self._prefill
+        out = run(params, q, q_far, k, v, key_pos, rot, blocks, attn.scaling)  # (B, Hkv, g, T, d)
+        out = out.reshape(B, -1, T, attn.head_dim).transpose(1, 2).reshape(B, T, -1)
+        return attn.o_proj(out)
 
     keeps_blocks = False
 

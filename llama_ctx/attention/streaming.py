@@ -20,13 +20,13 @@ seen, do not count in t and are never sinks; a left-padded batch gives the same 
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from .. import compat
 from ..cache import StreamingCache
 from ..errors import ConfigError
 from ..registry import check_int, register
@@ -78,65 +78,77 @@ class Streaming(AttentionMethod):
                 "rope method that extends it first, e.g. patch(model, 'yarn', factor=4)."
             )
 
+    def prepare(self, params, ctx) -> dict:
+        return {}  # the current forward's `_Step`, set by the backbone forward below
+
     def apply(self, params, ctx, patcher) -> None:
-        shared: dict = {}  # the current forward's `_Step`, set by the backbone forward below
-        for attn in ctx.attention_modules:
-            patcher.set(attn, "forward", types.MethodType(self.make_forward(params, ctx, attn, shared), attn))
-        patcher.set(ctx.backbone, "forward", self._backbone_forward(params, ctx.backbone, ctx.backbone.forward, shared))
+        super().apply(params, ctx, patcher)
+        shared = ctx.attention_modules[0].forward.extra
+        original = vars(ctx.backbone).get("forward")  # an instance-level forward (e.g. a hook's), else the class's
+        compat.check_signature(type(ctx.backbone).forward, self.name, _BACKBONE_HANDLED)
+        patcher.set(ctx.backbone, "forward", _BackboneForward(params, ctx.backbone, original, shared))
 
-    def _backbone_forward(self, p: StreamingParams, backbone, original, shared):
-        def forward(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
-                    use_cache=None, **kwargs):
-            x = input_ids if input_ids is not None else inputs_embeds
-            batch, new = x.shape[:2]
-            use_cache = backbone.config.use_cache if use_cache is None else use_cache
-            cache = _streaming_cache(p, past_key_values, use_cache)
-            if attention_mask is not None and attention_mask.ndim != 2:
-                raise ConfigError("streaming builds its own attention mask; pass a 2D padding mask [batch, tokens] "
-                                  f"or none, got a {attention_mask.ndim}D mask.")
-            valid = (torch.ones(batch, new, dtype=torch.bool, device=x.device) if attention_mask is None
-                     else attention_mask[:, -new:].to(device=x.device, dtype=torch.bool))
-            if cache is not None:
-                valid = cache.plan(valid)
-            dtype = backbone.embed_tokens.weight.dtype if inputs_embeds is None else inputs_embeds.dtype
-            shared["step"] = step = _plan(p, valid, new, backbone.rotary_emb, dtype)
-            try:
-                out = original(input_ids=input_ids, attention_mask=step.mask, position_ids=position_ids,
-                               past_key_values=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
-            finally:
-                shared.pop("step", None)
-            if cache is not None:
-                cache.commit(new)
-            return out
+    def attend(self, fwd, attn, hidden_states, attention_mask, cache, position_ids):
+        step: _Step = fwd.extra["step"]
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, attn.head_dim)
+        q = attn.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        k = attn.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        v = attn.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v, attn.layer_idx)  # unrotated, past + new
+        k = rotate(k, step.cos_k, step.sin_k)
+        q_window = rotate(q, step.cos_q, step.sin_q)
+        if step.sink is None:
+            q = q_window
+        else:
+            # NOTE: concatenating head dims gives per-key query rotations in one attention call:
+            # [q_w, q_s] . [k * not_sink, k * sink] = q_w . k for window keys and q_s . k for sinks.
+            sink = step.sink[:, None, :, None].to(k.dtype)
+            q = torch.cat([q_window, rotate(q, step.cos_qs, step.sin_qs)], dim=-1)
+            k = torch.cat([k * (1 - sink), k * sink], dim=-1)
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+        out, _ = interface(attn, q, k, v, step.mask, dropout=0.0 if not attn.training else attn.attention_dropout,
+                           scaling=attn.scaling)
+        return attn.o_proj(out.reshape(*input_shape, -1).contiguous())
 
-        return forward
 
-    def make_forward(self, params, ctx, attn, shared=None):
-        def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-            step: _Step = shared["step"]
-            input_shape = hidden_states.shape[:-1]
-            hidden_shape = (*input_shape, -1, self.head_dim)
-            q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-            k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-            v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-            if past_key_values is not None:
-                k, v = past_key_values.update(k, v, self.layer_idx)  # unrotated, past + new
-            k = rotate(k, step.cos_k, step.sin_k)
-            q_window = rotate(q, step.cos_q, step.sin_q)
-            if step.sink is None:
-                q = q_window
-            else:
-                # NOTE: concatenating head dims gives per-key query rotations in one attention call:
-                # [q_w, q_s] . [k * not_sink, k * sink] = q_w . k for window keys and q_s . k for sinks.
-                sink = step.sink[:, None, :, None].to(k.dtype)
-                q = torch.cat([q_window, rotate(q, step.cos_qs, step.sin_qs)], dim=-1)
-                k = torch.cat([k * (1 - sink), k * sink], dim=-1)
-            interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-            out, weights = interface(self, q, k, v, step.mask, dropout=0.0 if not self.training else self.attention_dropout,
-                                     scaling=self.scaling)
-            return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+# what the backbone forward below takes (the rest of its keyword arguments go to the original forward unchanged)
+_BACKBONE_HANDLED = compat.KNOWN | {"input_ids", "inputs_embeds"}
 
-        return forward
+
+class _BackboneForward:
+    """The backbone's `forward` under "streaming": plans the step (mask, rotations, eviction) and runs the original."""
+
+    def __init__(self, params, backbone, original, shared):
+        self.params, self.backbone, self.original, self.shared = params, backbone, original, shared
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None,
+                 **kwargs):
+        p, backbone = self.params, self.backbone
+        cache = compat.take_cache(kwargs, "streaming")
+        x = input_ids if input_ids is not None else inputs_embeds
+        batch, new = x.shape[:2]
+        use_cache = backbone.config.use_cache if use_cache is None else use_cache
+        cache = _streaming_cache(p, cache, use_cache)
+        if attention_mask is not None and attention_mask.ndim != 2:
+            raise ConfigError("streaming builds its own attention mask; pass a 2D padding mask [batch, tokens] "
+                              f"or none, got a {attention_mask.ndim}D mask.")
+        valid = (torch.ones(batch, new, dtype=torch.bool, device=x.device) if attention_mask is None
+                 else attention_mask[:, -new:].to(device=x.device, dtype=torch.bool))
+        if cache is not None:
+            valid = cache.plan(valid)
+        dtype = backbone.embed_tokens.weight.dtype if inputs_embeds is None else inputs_embeds.dtype
+        self.shared["step"] = step = _plan(p, valid, new, backbone.rotary_emb, dtype)
+        original = self.original or type(backbone).forward.__get__(backbone)
+        try:
+            out = original(input_ids=input_ids, attention_mask=step.mask, position_ids=position_ids,
+                           inputs_embeds=inputs_embeds, use_cache=use_cache, **compat.cache_kwargs(cache), **kwargs)
+        finally:
+            self.shared.pop("step", None)
+        if cache is not None:
+            cache.commit(new)
+        return out
 
 
 def _streaming_cache(p: StreamingParams, cache, use_cache: bool) -> StreamingCache | None:
@@ -152,7 +164,7 @@ def _streaming_cache(p: StreamingParams, cache, use_cache: bool) -> StreamingCac
     if type(cache).__name__ == "DynamicCache" and cache.get_seq_length() == 0:
         return StreamingCache(p.sink_tokens, p.window)  # e.g. the one generate() creates
     raise ConfigError(f"streaming keeps its own bounded cache; got a filled {type(cache).__name__}. Pass "
-                      "past_key_values=None (or a llama_ctx.cache.StreamingCache) to a model patched with 'streaming'.")
+                      "no cache (or a llama_ctx.cache.StreamingCache) to a model patched with 'streaming'.")
 
 
 def _plan(p: StreamingParams, valid: torch.Tensor, new: int, rotary, dtype) -> _Step:
