@@ -1,4 +1,4 @@
-"""`llama-ctx` command line: methods, inspect, demo, eval, sweep.
+"""`llama-ctx` command line: methods, inspect, check, demo, eval, sweep.
 
 Each subcommand lives with the code it drives and exposes `add_parser(subparsers)`, which sets `func`.
 """
@@ -15,6 +15,7 @@ from .errors import LlamaCtxError
 SUBCOMMANDS = {
     "methods": "llama_ctx.cli",
     "inspect": "llama_ctx.cli",
+    "check": "llama_ctx.check",
     "demo": "llama_ctx.demo",
     "eval": "llama_ctx.eval.cli",
     "sweep": "llama_ctx.eval.cli",
@@ -140,15 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     extra += unknown
     try:
         if args.command == "inspect":
-            args.func(args, extra)
+            code = args.func(args, extra)
         else:
             if extra:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")
-            args.func(args)
+            code = args.func(args)
     except LlamaCtxError as e:
         print(f"llama-ctx: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

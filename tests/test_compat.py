@@ -113,3 +113,44 @@ def test_current_signatures_are_known():
     assert compat.model_cache_name() in compat.CACHE_NAMES
     out = tiny_model()(ids(3), use_cache=True)
     assert isinstance(compat.output_cache(out), DynamicCache)
+
+
+# ---- llama-ctx check ------------------------------------------------------------------------------------------
+
+from llama_ctx import check  # noqa: E402
+from llama_ctx.attention import rerope  # noqa: E402
+
+
+def test_check_has_a_reference_for_every_registered_method():
+    assert {m["name"] for m in llama_ctx.methods()} <= set(check.CASES)
+
+
+def test_check_passes_on_the_installed_versions(capsys):
+    from llama_ctx.cli import main
+
+    assert main(["check", "--methods", "yarn,dynamic-ntk,rerope,block-topk,streaming"]) == 0
+    out = capsys.readouterr().out
+    assert "transformers" in out and "FAIL" not in out and "14 passed, 0 failed" in out
+
+
+def test_check_fails_on_a_broken_method(monkeypatch, capsys):
+    """ReRoPE with its outer query position off by one: its forward row fails (generate only checks that the cache
+    agrees with recomputation, which a consistently wrong method still does), and the exit code is 1."""
+    original = rerope.ReRoPE.scheme
+
+    def off_by_one(self, p, ctx):
+        s = original(self, p, ctx)
+        return type(s)(**{**s.__dict__, "outer_q": lambda pos: torch.full_like(pos, p.window + 1)})
+
+    monkeypatch.setattr(rerope.ReRoPE, "scheme", off_by_one)
+    assert check.main(["rerope", "pi"]) == 1
+    rows = {(r.method, r.check): r for r in check.run(["rerope", "pi"])}
+    assert not rows["rerope", "forward"].ok and rows["rerope", "generate"].ok
+    assert rows["rerope", "unpatch"].ok and rows["pi", "forward"].ok
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_check_fails_for_a_method_without_a_reference(monkeypatch):
+    monkeypatch.delitem(check.CASES, "lambda")
+    (row,) = check.run(["lambda"])
+    assert not row.ok and "no reference" in row.note

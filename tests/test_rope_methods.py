@@ -6,23 +6,10 @@ import pytest
 import torch
 
 import llama_ctx
+from llama_ctx.reference.rope import NATIVE, ntk_base, truncated_frequencies
 from conftest import clone_with, ids, logits, tiny_model
 
-WINDOW = 64
 LENGTHS = [40, 200]  # below and well above the trained window
-
-NATIVE = [  # (llama_ctx method, params, equivalent transformers rope_parameters)
-    ("pi", dict(factor=4.0), dict(rope_type="linear", factor=4.0)),
-    ("linear", dict(factor=2.5), dict(rope_type="linear", factor=2.5)),
-    ("dynamic-ntk", dict(factor=4.0), dict(rope_type="dynamic", factor=4.0)),
-    ("yarn", dict(factor=4.0), dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=WINDOW)),
-    ("yarn", dict(factor=8.0, beta_fast=16, beta_slow=2, attention_factor=1.3),
-     dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=WINDOW, beta_fast=16, beta_slow=2,
-          attention_factor=1.3)),
-    ("llama3", dict(factor=8.0), dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                      original_max_position_embeddings=WINDOW)),
-]
-
 
 def native_model(model, rope_parameters):
     return clone_with(model, rope_parameters={"rope_theta": 10000.0, **rope_parameters})
@@ -40,8 +27,7 @@ def test_matches_native_transformers(method, params, native, length):
 
 def test_ntk_equals_stock_model_with_closed_form_base():
     model = tiny_model()
-    d = 64 // 4
-    new_base = 10000.0 * 4.0 ** (d / (d - 2))
+    new_base = ntk_base(10000.0, 4.0, 64 // 4)
     x = ids(200)
     expected = logits(native_model(model, dict(rope_type="default", rope_theta=new_base)), x)
     llama_ctx.patch(model, "ntk", factor=4.0)
@@ -54,11 +40,9 @@ def test_ntk_equals_stock_model_with_closed_form_base():
 def test_base_truncation_formula():
     a, b, rho = 0.01, 0.1, 0.005
     rows = llama_ctx.inspect_rope(tiny_model(), "base-truncation", a=a, b=b, rho=rho)
-    d = 16
+    want = truncated_frequencies(16, 10000.0, a, b, rho)
     for i, r in enumerate(rows):
-        theta = 10000.0 ** (-2 * i / d)
-        want = theta if theta >= b else (0.0 if theta <= a else rho)
-        assert math.isclose(r["theta_after"], want, rel_tol=1e-6), (i, r)
+        assert math.isclose(r["theta_after"], float(want[i]), rel_tol=1e-6), (i, r)
     kept = sum(r["theta_after"] == r["theta"] for r in rows)
     zeroed = sum(r["theta_after"] == 0 for r in rows)
     assert kept and zeroed and len(rows) - kept - zeroed  # the test parameters exercise all three bands
@@ -71,10 +55,7 @@ def test_base_truncation_forward_uses_those_frequencies():
     patched = logits(model, x)
     # reference: rotate with explicitly computed frequencies through transformers' own rotary module
     llama_ctx.unpatch(model)
-    d = 16
-    theta = torch.tensor([10000.0 ** (-2 * i / d) for i in range(d // 2)])
-    theta = torch.where(theta >= 0.1, theta, torch.where(theta <= 0.01, torch.zeros_like(theta), 0.005))
-    model.model.rotary_emb.inv_freq.copy_(theta)
+    model.model.rotary_emb.inv_freq.copy_(truncated_frequencies(16, 10000.0, 0.01, 0.1, 0.005))
     torch.testing.assert_close(patched, logits(model, x), atol=1e-5, rtol=0)
 
 
