@@ -22,6 +22,7 @@ import transformers
 
 from .errors import UnsupportedModelError
 
+FLOOR = "5.18.0"  # the oldest release the whole test suite passes on (also in pyproject.toml and .ci/run)
 CACHE_NAMES = ("cache", "past_key_values")  # newest first
 
 # Arguments a patched attention forward may receive and safely not read:
@@ -45,6 +46,17 @@ class UnhandledArgumentError(UnsupportedModelError):
 
 def version() -> str:
     return transformers.__version__
+
+
+def check_version() -> None:
+    """Refuse a transformers outside [FLOOR, 6)."""
+    from packaging.version import Version
+
+    if not Version(FLOOR) <= Version(version()) < Version("6"):
+        raise UnsupportedModelError(
+            f"llama_ctx needs transformers >= {FLOOR}, < 6, found {version()}; install a supported version with "
+            f"`pip install 'transformers>={FLOOR},<6'`."
+        )
 
 
 def _parameters(fn) -> dict[str, inspect.Parameter]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import registry
+from . import compat, registry
 from .errors import PatchStateError, UnsupportedModelError
 from .rope.base import RopeSpec
 from .rope.module import RotaryEmbedding
@@ -84,17 +84,6 @@ class PatchContext:
         return self.backbone.config
 
 
-def _check_transformers() -> None:
-    import transformers
-
-    major = int(transformers.__version__.split(".")[0])
-    if major != 5:
-        raise UnsupportedModelError(
-            f"llama_ctx needs transformers 5.x, found {transformers.__version__}; "
-            "install a supported version with `pip install 'transformers>=5,<6'`."
-        )
-
-
 def backbone_of(model: torch.nn.Module) -> torch.nn.Module:
     """The decoder stack (`LlamaModel`-like) inside `model`: itself, `.model`, or inside a PEFT wrapper."""
     if not isinstance(model, torch.nn.Module):
@@ -140,7 +129,7 @@ def patch(model, method: str, **params):
     Raises:
         LlamaCtxError (ConfigError, UnsupportedModelError, PatchStateError): the model is left untouched.
     """
-    _check_transformers()
+    compat.check_version()
     m = registry.get(method)
     backbone = backbone_of(model)
     st = _get_state(backbone)

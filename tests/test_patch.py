@@ -133,11 +133,12 @@ def test_second_rope_method_is_refused_and_first_kept(model):
     assert llama_ctx.state(model)["rope"]["method"] == "yarn"
 
 
-def test_transformers_version_is_checked(model, monkeypatch):
+@pytest.mark.parametrize("version", ["4.46.0", "5.17.0", "6.0.0"])
+def test_transformers_version_is_checked(model, monkeypatch, version):
     import transformers
 
-    monkeypatch.setattr(transformers, "__version__", "4.46.0")
-    with pytest.raises(UnsupportedModelError, match="transformers 5.x.*4.46.0"):
+    monkeypatch.setattr(transformers, "__version__", version)
+    with pytest.raises(UnsupportedModelError, match=f">= 5.18.0, < 6, found {version}"):
         llama_ctx.patch(model, "pi", factor=2)
     assert llama_ctx.state(model) is None
 
