@@ -1,4 +1,4 @@
-"""`llama-ctx` command line: methods, inspect, check, demo, eval, sweep.
+"""`llama-ctx` command line: methods, inspect, check, demo, eval, sweep, data.
 
 Each subcommand lives with the code it drives and exposes `add_parser(subparsers)`, which sets `func`.
 """
@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "demo": "llama_ctx.demo",
     "eval": "llama_ctx.eval.cli",
     "sweep": "llama_ctx.eval.cli",
+    "data": "llama_ctx.data.cli",
 }
 
 
