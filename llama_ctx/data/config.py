@@ -158,7 +158,9 @@ class DataConfig(_Strict):
     seed: int = Field(0, description="seeds the document shuffle; the same seed gives the same examples")
     shuffle_buffer: int = Field(256, ge=0, description="documents held per stream for a seeded shuffle (0: "
                                                        "reading order)")
-    pack_buffer: int = Field(256, ge=1, description="documents held by the packer to find the best fit")
+    pack_buffer: float = Field(4, ge=1, description="tokens the packer holds to find the best fit, in sequences "
+                                                     "(pack_buffer x seq_len tokens); more packs tighter, and delays "
+                                                     "the stream by that much")
 
     @field_validator("tokens", mode="before")
     @classmethod

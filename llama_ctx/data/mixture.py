@@ -127,6 +127,8 @@ class Source:
         batch: list[tuple[int, str, str]] = []
 
         def flush():
+            if not batch:
+                return
             for (g, where, _), ids in zip(batch, self.tok([t for _, _, t in batch])):
                 if g == len(self.lengths):
                     self.lengths.append(len(ids))

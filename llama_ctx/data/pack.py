@@ -17,9 +17,13 @@ which is exactly at our document starts (a document starts at 0 after a token at
 cache (e.g. `model(ids, position_ids=p)` on a config with `use_cache=True`) transformers ignores the packing and
 attends across documents: pass `use_cache=False`, or `attention_mask=block_mask(position_ids)`.
 
-Packing is best fit: the packer holds up to `pack_buffer` documents; each sequence starts with the oldest one
-(so nothing waits longer than `pack_buffer` sequences) and is filled by repeatedly adding the longest held
-document that still fits (the best fit for the remaining gap; the oldest among equals). A document longer than
+Packing is best fit: the packer holds documents until they add up to `pack_buffer` sequences' worth of tokens
+(pack_buffer x seq_len), then emits one sequence: it starts with the oldest held document (so none waits long)
+and is filled by repeatedly adding the longest held document that still fits (the best fit for the remaining gap;
+the oldest among equals). The buffer is counted in tokens, not documents: a count of documents either holds too
+few short documents to fill a long sequence (padding) or too many long ones (memory), and what it holds is what
+the emitted stream lags behind the mixture, so its size in tokens bounds how far the realised shares of the
+first examples can stray (a few sequences' worth). A document longer than
 `seq_len` is cut into consecutive pieces of `seq_len` tokens (each a full sequence on its own) and a remainder
 that is packed like any document; the pieces are counted. Nothing is dropped or truncated.
 """
@@ -63,6 +67,7 @@ class _Pool:
     O(n) list insert/delete is a memmove)."""
 
     def __init__(self):
+        self.tokens = 0
         self.items: dict[int, Unit] = {}
         self.by_len: list[tuple[int, int]] = []
         self.order: deque[int] = deque()
@@ -76,10 +81,12 @@ class _Pool:
         insort(self.by_len, (len(unit.ids), self.serial))
         self.order.append(self.serial)
         self.serial += 1
+        self.tokens += len(unit.ids)
 
     def _remove(self, serial: int) -> Unit:
         unit = self.items.pop(serial)
         del self.by_len[bisect_left(self.by_len, (len(unit.ids), serial))]
+        self.tokens -= len(unit.ids)
         return unit
 
     def take(self, seq_len: int) -> list[Unit]:
@@ -98,15 +105,16 @@ class _Pool:
         return out
 
 
-def pack(units: Iterable[Unit], seq_len: int, buffer: int) -> Iterator[list[Unit]]:
-    """Sequences of units whose lengths sum to at most `seq_len` (see the module docstring)."""
-    pool = _Pool()
+def pack(units: Iterable[Unit], seq_len: int, buffer: float) -> Iterator[list[Unit]]:
+    """Sequences of units whose lengths sum to at most `seq_len`, holding `buffer` x seq_len tokens (see the
+    module docstring); a unit of exactly `seq_len` tokens is emitted at once."""
+    pool, hold = _Pool(), buffer * seq_len
     for unit in units:
         if len(unit.ids) == seq_len:
             yield [unit]
             continue
         pool.add(unit)
-        if len(pool) >= buffer:
+        while pool.tokens >= hold:
             yield pool.take(seq_len)
     while pool:
         yield pool.take(seq_len)

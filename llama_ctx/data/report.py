@@ -30,8 +30,9 @@ def summary(data_config, tokenizer, seq_len: int, sample_tokens: int | None = No
 
     Returns:
         dict with `domains` and `sources` (requested vs realised token shares, long-document shares, filter counts,
-        passes per stream), `packing_efficiency` (real tokens / positions), `split_documents`, `pieces`, and
-        `histogram` (document lengths in tokens per domain, power-of-2 bins).
+        passes per stream), `packing_efficiency` (real tokens / positions), `documents` (started in the sample),
+        `split_documents` (of those, longer than seq_len), `pieces` (pieces of split documents in the sample), and
+        `histogram` (lengths in tokens of the documents started in the sample, per domain, power-of-2 bins).
     """
     from tqdm.auto import tqdm
 
@@ -44,7 +45,7 @@ def summary(data_config, tokenizer, seq_len: int, sample_tokens: int | None = No
         limit = pipe.max_examples if limit is None else min(limit, pipe.max_examples)
     threshold = cfg.upsample.threshold if cfg.upsample else seq_len
     tokens, long_tokens, doc_lens = Counter(), Counter(), defaultdict(list)
-    examples = 0
+    examples = split_docs = pieces = 0
     bar = tqdm(total=limit, desc="data summary", unit="seq", disable=not progress)
     for packed in pipe:
         for unit in packed.units:
@@ -56,6 +57,8 @@ def summary(data_config, tokenizer, seq_len: int, sample_tokens: int | None = No
                 long_tokens[source] += n
             if unit.piece == 0:
                 doc_lens[cfg.sources[source].domain].append(whole)
+                split_docs += unit.pieces > 1
+            pieces += unit.pieces > 1
         examples += 1
         bar.update()
         if limit is not None and examples >= limit:
@@ -82,8 +85,9 @@ def summary(data_config, tokenizer, seq_len: int, sample_tokens: int | None = No
     hist = {d: np.histogram(v, bins=edges)[0].tolist() for d, v in doc_lens.items()}
     result = dict(seq_len=seq_len, examples=examples, positions=examples * seq_len, real_tokens=real,
                   packing_efficiency=real / (examples * seq_len) if examples else 0.0, long_threshold=threshold,
-                  long_share=sum(long_tokens.values()) / real if real else 0.0, documents=pipe.docs,
-                  split_documents=pipe.split_docs, pieces=pipe.pieces, domains=domains, sources=sources,
+                  long_share=sum(long_tokens.values()) / real if real else 0.0,
+                  documents=sum(map(len, doc_lens.values())), split_documents=split_docs, pieces=pieces,
+                  domains=domains, sources=sources,
                   histogram=dict(edges=edges, counts=hist))
     if out is not None:
         from ..eval.results import write_atomic
@@ -118,8 +122,8 @@ def format_summary(r: dict) -> str:
     """The summary as text tables."""
     lines = [f"{r['examples']} examples x {r['seq_len']} = {r['positions']} positions, {r['real_tokens']} real tokens, "
              f"packing efficiency {r['packing_efficiency']:.2%}",
-             f"{r['documents']} documents, {r['split_documents']} longer than seq_len split into {r['pieces']} "
-             f"pieces; long (> {r['long_threshold']} tokens): {r['long_share']:.1%} of tokens", "",
+             f"{r['documents']} documents started, {r['split_documents']} of them longer than seq_len "
+             f"({r['pieces']} pieces in the sample); long (> {r['long_threshold']} tokens): {r['long_share']:.1%} of tokens", "",
              f"{'domain':<16}{'requested':>10}{'realised':>10}{'long req':>10}{'long real':>10}{'docs':>9}"]
     for d, v in r["domains"].items():
         req = "natural" if v["long_share_requested"] is None else f"{v['long_share_requested']:.1%}"
