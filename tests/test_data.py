@@ -338,6 +338,28 @@ def test_block_mask_matches_a_written_out_mask():
                 assert m[b, 0, i, j].item() == (0.0 if ok else torch.finfo(torch.float32).min)
 
 
+def test_document_tokenizer_fast_path_gives_the_tokenizers_own_ids():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from llama_ctx.data.mixture import DocTokenizer
+
+    texts = ["Grüße aus Köln: naïve café, 東京 and emoji 🙂!", "def f(x):\n    return x ** 2  # </s> inside",
+             "plain words " * 50, " leading space", ""]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts * 3, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+    for split in (False, True):  # split_special_tokens: a literal "</s>" in a text is EOS, or plain characters
+        tok.split_special_tokens = split
+        got = DocTokenizer(tok)(texts)
+        want = [[tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"], tok.eos_token_id] for t in texts]
+        assert [g.tolist() for g in got] == want and tok.decode(got[0][1:-1]) == texts[0]
+        assert (tok.eos_token_id in got[1][1:-1].tolist()) != split
+
+
 # ---- budget, determinism, resume ---------------------------------------------------------------------------
 
 
