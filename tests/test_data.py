@@ -426,3 +426,15 @@ def test_config_errors_name_the_key(tmp_path):
                                                                                           tokens="1B")).tokens
     assert as_config(dict(sources=[src], tokens=2.5e8)).tokens == 250_000_000
     assert isinstance(as_config(DataConfig(sources=[src])), DataConfig) and llama_ctx.data.build is build
+
+
+def test_readme_data_section_is_valid():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if b.startswith("data:"))
+    cfg = as_config(yaml.safe_load(block)["data"])
+    assert cfg.tokens == 10**9 and cfg.long_shares() == pytest.approx({"books": 0.8, "code": 0.8, "web": 0.3})
