@@ -234,6 +234,24 @@ def test_group_by_dir_file_and_field(tmp_path):
     assert got == Counter([(bos, *t[0], *t[1], eos), (bos, *t[2], eos)])
 
 
+def test_table_formats_give_the_same_documents(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(4)
+    words = vocab_words("w", 30)
+    tok = word_tokenizer(words)
+    texts = [text_of(rng, words, rng.randint(1, 20)) for _ in range(25)]
+    write_jsonl(tmp_path / "t.jsonl", [{"body": t, "n": i} for i, t in enumerate(texts)])
+    pq.write_table(pa.table({"body": texts}), tmp_path / "t.parquet", row_group_size=7)
+    (tmp_path / "t.csv").write_text("body\n" + "\n".join(texts) + "\n")
+    (tmp_path / "t.json").write_text("\n".join(f'{{"body": "{t}"}}' for t in texts))
+    want = Counter((tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"], tok.eos_token_id) for t in texts)
+    for suffix in ("jsonl", "parquet", "csv", "json"):
+        src = dict(path=tmp_path / f"t.{suffix}", domain="x", weight=1, text_field="body")  # a Path is fine
+        assert documents(build(dict(sources=[src], shuffle_buffer=0), tok, 32)) == want, suffix
+
+
 # ---- packing -------------------------------------------------------------------------------------------------
 
 

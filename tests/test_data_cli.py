@@ -77,7 +77,7 @@ def test_preview_marks_document_boundaries(setup, capsys):
 
 
 def test_cli_errors_are_one_line_without_traceback(setup, tmp_path, capsys):
-    root, path, config, _ = setup
+    config = setup[2]
     assert main(["data", "summary", "--config", str(tmp_path / "none.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"

@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
         q.add_argument("--config", required=True, help="training YAML with a data: section")
         q.add_argument("--tokenizer", default=None, help="local tokenizer folder or .gguf file (default: model.path "
                                                         "of the YAML, else the shipped SmolLM2)")
-        q.add_argument("--seq-len", type=int, default=None, help="packed sequence length (default: seq_len in the YAML)")
+        q.add_argument("--seq-len", type=int, default=None,
+                       help="packed sequence length (default: seq_len in the YAML)")
         if name == "summary":
             q.add_argument("--sample-tokens", default=None,
                            help="packed positions to sample, e.g. 1e6 or 20M (default: the budget, at most 10M)")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -92,6 +93,11 @@ class SourceConfig(_Strict):
                           "file is a document")
     name: str | None = Field(None, description="hub dataset configuration name")
     split: str = Field("train", description="hub dataset split")
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _path(cls, v):
+        return os.fspath(v) if isinstance(v, os.PathLike) else v
 
     @field_validator("path", "domain", "text_field")
     @classmethod

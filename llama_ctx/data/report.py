@@ -81,7 +81,7 @@ def summary(data_config, tokenizer, seq_len: int, sample_tokens: int | None = No
                           long_share_requested=long_req[d], long_share_realised=lt / t if t else 0.0,
                           documents=len(doc_lens[d]))
     top = max((max(v) for v in doc_lens.values() if v), default=1)
-    edges = [2 ** k for k in range(0, max(1, math.ceil(math.log2(top + 1))) + 1)]
+    edges = [2 ** k for k in range(max(1, math.ceil(math.log2(top + 1))) + 1)]
     hist = {d: np.histogram(v, bins=edges)[0].tolist() for d, v in doc_lens.items()}
     result = dict(seq_len=seq_len, examples=examples, positions=examples * seq_len, real_tokens=real,
                   packing_efficiency=real / (examples * seq_len) if examples else 0.0, long_threshold=threshold,
@@ -120,10 +120,12 @@ def plot_lengths(result: dict, path) -> Path:
 
 def format_summary(r: dict) -> str:
     """The summary as text tables."""
-    lines = [f"{r['examples']} examples x {r['seq_len']} = {r['positions']} positions, {r['real_tokens']} real tokens, "
-             f"packing efficiency {r['packing_efficiency']:.2%}",
+    lines = [f"{r['examples']} examples x {r['seq_len']} = {r['positions']} positions, {r['real_tokens']} real "
+             f"tokens, packing efficiency {r['packing_efficiency']:.2%}",
              f"{r['documents']} documents started, {r['split_documents']} of them longer than seq_len "
-             f"({r['pieces']} pieces in the sample); long (> {r['long_threshold']} tokens): {r['long_share']:.1%} of tokens", "",
+             f"({r['pieces']} pieces in the sample); long (> {r['long_threshold']} tokens): "
+             f"{r['long_share']:.1%} of tokens",
+             "",
              f"{'domain':<16}{'requested':>10}{'realised':>10}{'long req':>10}{'long real':>10}{'docs':>9}"]
     for d, v in r["domains"].items():
         req = "natural" if v["long_share_requested"] is None else f"{v['long_share_requested']:.1%}"
