@@ -15,7 +15,7 @@ from data_corpus import text_of, vocab_words, word_tokenizer, write_jsonl
 
 import llama_ctx
 from llama_ctx import ConfigError
-from llama_ctx.data import DataConfig, Pipeline, as_config, block_mask, build, steps_for_budget
+from llama_ctx.data import DataConfig, Pipeline, as_config, block_mask, build, segment_ids, steps_for_budget
 from llama_ctx.data.filters import repeated_line_share, symbol_share
 
 PAD = 1  # word_tokenizer's <pad>
@@ -347,6 +347,7 @@ def test_packed_forward_equals_separate_forwards(tmp_path):
 def test_block_mask_matches_a_written_out_mask():
     pos = torch.tensor([[0, 1, 2, 0, 0, 1, 0], [0, 1, 2, 3, 4, 5, 6]])
     doc = [[0, 0, 0, 1, 2, 2, 3], [0] * 7]
+    assert segment_ids(pos).tolist() == doc
     m = block_mask(pos, torch.float32)
     assert m.shape == (2, 1, 7, 7)
     for b in range(2):

@@ -4,9 +4,9 @@
 """
 
 from .config import DataConfig, FiltersConfig, SourceConfig, UpsampleConfig, as_config
-from .pack import block_mask, examples_for_budget, steps_for_budget
+from .pack import block_mask, examples_for_budget, segment_ids, steps_for_budget
 from .pipeline import Pipeline, build
 from .report import preview, summary
 
 __all__ = ["build", "DataConfig", "SourceConfig", "FiltersConfig", "UpsampleConfig", "as_config", "block_mask",
-           "steps_for_budget", "examples_for_budget", "Pipeline", "summary", "preview"]
+           "segment_ids", "steps_for_budget", "examples_for_budget", "Pipeline", "summary", "preview"]

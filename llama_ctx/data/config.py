@@ -142,9 +142,10 @@ class UpsampleConfig(_Strict):
     @field_validator("long_share")
     @classmethod
     def _shares(cls, v):
-        for name, share in ({"long_share": v} if isinstance(v, float) else v or {}).items():
+        for name, share in ({None: v} if isinstance(v, float) else v or {}).items():
             if not 0 <= share <= 1:
-                raise ValueError(f"long share of {name!r} must be between 0 and 1, got {share}")
+                what = "" if name is None else f" of domain {name!r}"
+                raise ValueError(f"long share{what} must be between 0 and 1, got {share}")
         return v
 
 

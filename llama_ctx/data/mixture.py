@@ -129,9 +129,13 @@ class Source:
         if parts:
             yield SEPARATOR.join(parts), origin
 
-    def documents(self, kind: str) -> Iterator[tuple[int, str, np.ndarray | None]]:
-        """One pass: (group index, origin, ids) of each kept group of `kind`, in reading order. `ids` is None for
-        a group whose kind was known from `lengths` to differ (skipped without tokenizing)."""
+    def documents(self, kind: str) -> Iterator[tuple[np.ndarray, str]]:
+        """One pass: (ids, origin) of each kept group of `kind` (LONG, SHORT or ALL), in reading order. A group
+        whose length is already in `lengths` and is of the other kind is skipped without tokenizing it.
+
+        NOTE: readers append to `lengths` in group order without gaps: the groups a reader has not seen in
+        `lengths` are all batched (contiguous from len(lengths)), and another reader can only append between
+        this one's yields, the same values in the same order."""
         threshold = self.cfg.upsample.threshold if self.cfg.upsample else None
         batch: list[tuple[int, str, str]] = []
 
@@ -142,7 +146,7 @@ class Source:
                 if g == len(self.lengths):
                     self.lengths.append(len(ids))
                 if kind == ALL or (len(ids) > threshold) == (kind == LONG):
-                    yield g, where, ids
+                    yield ids, where
             batch.clear()
 
         size, g = 0, -1
@@ -183,17 +187,12 @@ class Stream:
         while True:
             rng = random.Random(f"{self.seed}:{self.source.index}:{self.kind}:{self.passes}")
             n = 0
-            for ids, where in _shuffled(self._pass(), self.shuffle_buffer, rng):
+            for ids, where in _shuffled(self.source.documents(self.kind), self.shuffle_buffer, rng):
                 n += 1
                 yield Doc(ids, self.index, where)
             if n == 0:
                 self._empty()
             self.passes += 1
-
-    def _pass(self):
-        for _, where, ids in self.source.documents(self.kind):
-            if ids is not None:
-                yield ids, where
 
     def _empty(self):
         where, cfg = self.source.src.where, self.source.src.cfg

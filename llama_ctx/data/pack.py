@@ -136,6 +136,24 @@ def example(units: list[Unit], seq_len: int, pad_id: int) -> dict[str, list[int]
     return dict(input_ids=input_ids.tolist(), labels=labels.tolist(), position_ids=position_ids.tolist())
 
 
+def segment_ids(position_ids):
+    """Document index of every position (0, 0, 1, 1, 1, 2, ...): a new document starts wherever the position does
+    not grow by exactly 1, as in transformers' `find_packed_sequence_indices` (which returns None, not zeros, for
+    unpacked rows). For attention code that groups or shifts tokens (S2-attn) and must keep documents apart.
+
+    Args:
+        position_ids: (batch, length) or (length,) integer tensor.
+
+    Returns:
+        (batch, length) int64 tensor.
+    """
+    import torch
+
+    pos = torch.as_tensor(position_ids)
+    pos = pos[None] if pos.ndim == 1 else pos
+    return (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).long().cumsum(-1)
+
+
 def block_mask(position_ids, dtype=None):
     """The 4D additive attention mask of packed sequences: causal within each document, nothing across.
 
@@ -154,14 +172,11 @@ def block_mask(position_ids, dtype=None):
     import torch
 
     dtype = dtype or torch.float32
-    pos = torch.as_tensor(position_ids)
-    pos = pos[None] if pos.ndim == 1 else pos
-    starts = torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1
-    seg = starts.cumsum(-1)
-    n = pos.shape[-1]
-    causal = torch.ones(n, n, dtype=torch.bool, device=pos.device).tril()
+    seg = segment_ids(position_ids)
+    n = seg.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=seg.device).tril()
     allowed = (seg[:, :, None] == seg[:, None, :]) & causal
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=pos.device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
 
