@@ -9,13 +9,14 @@ Example format (every field a list of exactly `seq_len` ints; stack them, pass n
   shift labels inside the loss (logits at t predict labels[t + 1]), so the last token of one document never
   predicts the first token of the next: no loss crosses a boundary.
 
-Attention never crosses a document: with `attention_mask=None`, no cache (`use_cache=False`; `Trainer` sets
-`config.use_cache = args.use_cache`, False by default) and sdpa / eager / flex, transformers 5
-(`masking_utils.find_packed_sequence_indices`) starts a new block wherever position_ids[t] - position_ids[t-1] != 1,
-which is exactly at our document starts (a document starts at 0 after a token at position >= 0, a difference
-<= 0, one-token documents and the padding run included); flash-attention reads the same position ids. With a
-cache (e.g. `model(ids, position_ids=p)` on a config with `use_cache=True`) transformers ignores the packing and
-attends across documents: pass `use_cache=False`, or `attention_mask=block_mask(position_ids)`.
+Attention never crosses a document: with `attention_mask=None` and no cache (`use_cache=False`; `Trainer` sets
+`config.use_cache = args.use_cache`, False by default), transformers 5 (`masking_utils.create_causal_mask` via
+`find_packed_sequence_indices`) starts a new causal block wherever position_ids[t] - position_ids[t-1] != 1, which
+is exactly at our document starts (a document starts at 0 after a token at position >= 0: a difference <= 0,
+one-token documents and the padding run included). Tested on sdpa and eager (packed logits = separate logits);
+flash-attention's varlen path reads the same position ids (untested here, no GPU). With a cache (e.g.
+`model(ids, position_ids=p)` on a config with `use_cache=True`) transformers ignores the packing and attends
+across documents: pass `use_cache=False`, or `attention_mask=block_mask(position_ids)`.
 
 Packing is best fit: the packer holds documents until they add up to `pack_buffer` sequences' worth of tokens
 (pack_buffer x seq_len), then emits one sequence: it starts with the oldest held document (so none waits long)
@@ -23,9 +24,9 @@ and is filled by repeatedly adding the longest held document that still fits (th
 the oldest among equals). The buffer is counted in tokens, not documents: a count of documents either holds too
 few short documents to fill a long sequence (padding) or too many long ones (memory), and what it holds is what
 the emitted stream lags behind the mixture, so its size in tokens bounds how far the realised shares of the
-first examples can stray (a few sequences' worth). A document longer than
-`seq_len` is cut into consecutive pieces of `seq_len` tokens (each a full sequence on its own) and a remainder
-that is packed like any document; the pieces are counted. Nothing is dropped or truncated.
+first examples can stray (a few sequences' worth). A document longer than `seq_len` is cut into consecutive
+pieces of `seq_len` tokens (each a full sequence on its own, emitted at once) and a remainder that is packed like
+any document; the pieces are counted. Nothing is dropped or truncated.
 """
 
 from __future__ import annotations
