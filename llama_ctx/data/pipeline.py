@@ -86,10 +86,10 @@ def build(data_config, tokenizer, seq_len: int):
     Raises:
         ConfigError: a bad config, a missing file or folder, a bad seq_len (checked here, before training starts).
     """
-    from datasets import Features, IterableDataset, List, Value
+    from datasets import Features, IterableDataset, Sequence, Value
 
     cfg = as_config(data_config)
     Pipeline(cfg, tokenizer, seq_len)  # validates paths, seq_len and tokenizer now rather than mid-training
-    features = Features({k: List(Value("int64")) for k in FIELDS})
+    features = Features({k: Sequence(Value("int64")) for k in FIELDS})  # a List in datasets >= 4
     return IterableDataset.from_generator(_generate, features=features,
                                           gen_kwargs=dict(cfg=cfg, tokenizer=tokenizer, seq_len=seq_len))
