@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..io import DTYPES
 from .needle import NeedleResult, needle
 from .passkey import PasskeyResult, passkey
 from .perplexity import PerplexityResult, as_token_ids, check_enough, perplexity
@@ -38,7 +39,7 @@ def add_parser(sub) -> None:
 def _common(p) -> None:
     p.add_argument("--model", default=None, help="local HF folder or .gguf file (default: the shipped SmolLM2)")
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--text", default=None, help="file, folder or dataset name (default: built-in Python docs)")
