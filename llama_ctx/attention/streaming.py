@@ -56,7 +56,7 @@ class StreamingParams:
         self.sink_tokens = check_int("sink_tokens", self.sink_tokens, ge=0)
 
 
-CHUNK = 1024  # queries per attention call: the largest temporary is a CHUNK x (sinks + CHUNK + window) mask
+CHUNK = 256  # queries per attention call: the largest temporary is a CHUNK x (sinks + CHUNK + window) mask
 _STEP = "_llama_ctx_streaming_step"  # attribute of the attention mask that carries one forward's `_Step`
 
 
