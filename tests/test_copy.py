@@ -22,8 +22,9 @@ PARAMS = {
     "topk": dict(k=3, local_window=16), "block-topk": dict(block_size=4, k_blocks=2, local_window=10),
 }
 ATTENTION = [m["name"] for m in llama_ctx.methods() if m["kind"] == "attention"]
-# every method alone, then the rope method "yarn" applied before each attention method
-CASES = [[(m, PARAMS.get(m))] for m in PARAMS] + [[("yarn", dict(factor=2)), (m, PARAMS.get(m))] for m in ATTENTION]
+# every method alone, the rope method "yarn" applied before each attention method, and after two of them
+CASES = [[(m, PARAMS.get(m))] for m in PARAMS] + [[("yarn", dict(factor=2)), (m, PARAMS.get(m))] for m in ATTENTION] \
+    + [[(m, PARAMS[m]), ("yarn", dict(factor=2))] for m in ("rerope", "topk")]
 IDS = ["+".join(name for name, _ in case) for case in CASES]
 X = ids(80)  # past the trained window (64) and every method's window: each method changes the logits
 
