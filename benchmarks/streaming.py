@@ -1,17 +1,24 @@
 """Stream 100K tokens through a small random LLaMA patched with "streaming": bounded cache, flat latency.
 
     PYTHONPATH=. nice python benchmarks/streaming.py [--tokens 100000] [--chunk 8] [--window 508] [--sinks 4]
+    PYTHONPATH=. nice python benchmarks/streaming.py prefill [--lengths 8k,16k,32k]
 
 Feeds the stream in chunks through the model with its `StreamingCache` (the path `generate()` uses) and prints
 the cache size and the per-token latency of the last 10% over the first 10% (medians of per-chunk times). The
 machine is shared, so the ratio is also measured load-fairly: the cache as it was at 5% of the stream and the final
 one are stepped alternately (`probe`). For contrast the same ratios for the stock model with its growing
 `DynamicCache` over a shorter stream (it has no bound, so it is not run to 100K).
+
+`prefill`: peak memory of one prefill (`model(x, use_cache=True)`, what `generate()` starts with) of the streaming
+model and of the stock model (SDPA, `DynamicCache`), as the growth of the process's peak resident set (Linux
+VmHWM, reset through /proc/self/clear_refs), so kernel-internal buffers count too.
 """
 
 import argparse
 import copy
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -62,7 +69,51 @@ def tail_over_head(times):
     return statistics.median(times[-k:]) / statistics.median(times[:k])
 
 
+def _status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+
+def peak_bytes(fn):
+    """(growth of peak RSS while `fn` runs (Linux), its wall time)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base, t0 = _status("VmRSS"), time.perf_counter()
+    fn()
+    return _status("VmHWM") - base, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def prefill(lengths, window, sinks):
+    """Peak memory of one prefill of each length: streaming vs stock, and how it grows with the length."""
+    m, stock = llama_ctx.patch(model(), "streaming", sink_tokens=sinks, window=window), model()
+    warm = torch.randint(0, 1000, (1, 2 * (sinks + window)))
+    m(warm, use_cache=True), stock(warm, use_cache=True)  # one-time allocations (thread pools, kernels) not counted
+    first = None
+    for n in lengths:
+        x = torch.randint(0, 1000, (1, n), generator=torch.Generator().manual_seed(n))
+        ours, t_ours = peak_bytes(lambda: m(x, use_cache=True))
+        base, t_base = peak_bytes(lambda: stock(x, use_cache=True))
+        first = first or ours
+        print(f"streaming prefill {n // 1024:3d}K: peak memory {ours / 2**20:8.1f} MiB (x{ours / first:.2f} of the "
+              f"first length), stock SDPA {base / 2**20:7.1f} MiB -> {ours / base:.2f}x stock; time "
+              f"{t_ours:.2f}s vs {t_base:.2f}s -> {t_ours / t_base:.2f}x")
+
+
 def main():
+    if sys.argv[1:2] == ["prefill"]:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("cmd")
+        ap.add_argument("--lengths", default="8192,16384,32768")
+        ap.add_argument("--window", type=int, default=508)
+        ap.add_argument("--sinks", type=int, default=4)
+        a = ap.parse_args()
+        if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # freed large blocks go back to the OS: honest peak RSS
+            os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+        torch.set_num_threads(1)
+        prefill([int(n) for n in a.lengths.split(",")], a.window, a.sinks)
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=100_000)
     ap.add_argument("--chunk", type=int, default=8)

@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import LlamaCtxError
+from .errors import ConfigError, LlamaCtxError
 
 # module that provides `add_parser` for each subcommand (imported lazily: `llama-ctx methods` stays fast)
 SUBCOMMANDS = {
@@ -56,7 +56,7 @@ def _inspect(args, extra: list[str]) -> None:
 
     from transformers import AutoConfig
 
-    from .io import SMOLLM2_GGUF, smollm2_dir
+    from .io import SMOLLM2_GGUF, check_model_path, smollm2_dir
     from .rope.base import RopeSpec
     from .rope.inspect import format_table, inspect_rope, plot
 
@@ -64,8 +64,12 @@ def _inspect(args, extra: list[str]) -> None:
     path = Path(path)
     if path.suffix == ".gguf":
         path, gguf = path.parent, path.name
-    config = AutoConfig.from_pretrained(path, gguf_file=gguf, local_files_only=True) if gguf else \
-        AutoConfig.from_pretrained(path, local_files_only=True)
+    check_model_path(path, gguf)
+    try:
+        config = AutoConfig.from_pretrained(path, gguf_file=gguf, local_files_only=True) if gguf else \
+            AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read a model config from {str(path)!r}: {e}") from e
     params = parse_params(extra)
     rows = inspect_rope(config, args.method, **params)
     window = RopeSpec.from_config(config).trained_window
@@ -109,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama-ctx", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module in SUBCOMMANDS.items():
-        if module == __name__:
+        if module == "llama_ctx.cli":  # not `__name__`, which is "__main__" under `python -m llama_ctx.cli`
             {"methods": _methods_parser, "inspect": _inspect_parser}[name](sub)
         else:
             importlib.import_module(module).add_parser(sub)
@@ -147,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             if extra:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")
             code = args.func(args)
-    except LlamaCtxError as e:
+    except (LlamaCtxError, OSError) as e:  # bad input, or a file that cannot be read or written: one line
         print(f"llama-ctx: error: {e}", file=sys.stderr)
         return 2
     return code or 0

@@ -8,6 +8,7 @@ from pathlib import Path
 from .errors import ConfigError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = ("float32", "bfloat16", "float16")  # what `load(dtype=...)` and the --dtype options accept
 
 
 def smollm2_dir() -> Path:
@@ -33,14 +34,22 @@ def load(path: str | Path | None = None, gguf_file: str | None = None, dtype: st
     path = Path(path)
     if path.suffix == ".gguf" and path.is_file():
         path, gguf_file = path.parent, path.name
+    check_model_path(path, gguf_file)
+    if dtype not in DTYPES:  # a getattr(torch, dtype) check would accept "nn" and fail deep inside transformers
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    kw = dict(gguf_file=gguf_file) if gguf_file else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True,
+                                                     attn_implementation=attn_implementation, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **kw)
+    except (OSError, ValueError) as e:  # e.g. a folder without a (recognised) config.json or tokenizer files
+        raise ConfigError(f"cannot load a model and tokenizer from {str(path)!r}: {e}") from e
+    return model.to(device).eval(), tokenizer
+
+
+def check_model_path(path: Path, gguf_file: str | None = None) -> None:
+    """A `ConfigError` unless `path` is an existing folder (holding `gguf_file`, if given)."""
     if not path.exists():
         raise ConfigError(f"model path {str(path)!r} does not exist; give a local model folder or a .gguf file")
     if gguf_file and not (path / gguf_file).is_file():
         raise ConfigError(f"no GGUF file {gguf_file!r} in {str(path)!r}")
-    if not hasattr(torch, dtype):
-        raise ConfigError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-    kw = dict(gguf_file=gguf_file) if gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
-                                                 attn_implementation=attn_implementation, local_files_only=True, **kw)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **kw)
-    return model.to(device).eval(), tokenizer

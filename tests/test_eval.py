@@ -14,8 +14,9 @@ from llama_ctx.eval import (GRID, NeedleResult, PasskeyResult, PerplexityResult,
                             parse_length, parse_method_spec, passkey, perplexity, sweep)
 from llama_ctx.eval import cli as eval_cli
 from llama_ctx.eval.needle import needle_prompt, needle_score
-from llama_ctx.eval.passkey import passkey_prompt
+from llama_ctx.eval.passkey import passkey_correct, passkey_prompt
 from llama_ctx.eval.perplexity import bucket_edges
+from llama_ctx.eval.sweep import candidates, region_loss
 
 
 def char_tokenizer():
@@ -184,6 +185,15 @@ def test_needle_score():
     assert needle_score(" Fresh basil, of course.", "fresh basil") == 1.0
     assert needle_score(" basil leaves", "fresh basil") == 0.5
     assert needle_score(" tomato", "fresh basil") == 0.0
+    # whole words and numbers, not substrings
+    assert needle_score(" 1421", "42") == 0.0 and needle_score(" It is 42.", "42") == 1.0
+    assert needle_score(" eat a sandwiches", "eat a sandwich") == pytest.approx(2 / 3)
+    assert needle_score(" Dolores Parkside", "Dolores Park") == 0.5
+
+
+def test_passkey_key_must_be_a_whole_number():
+    assert passkey_correct(" The pass key is 12345.", 12345) and passkey_correct("12345", 12345)
+    assert not passkey_correct(" 912345", 12345) and not passkey_correct(" 123456", 12345)
 
 
 def test_needle_prompt_places_the_needle_at_a_sentence_boundary_near_depth():
@@ -267,8 +277,30 @@ def test_sweep_ranks_grid_against_stock(model, tmp_path, monkeypatch):
     assert [x["label"] for x in type(res).from_json(res.to_json(tmp_path / "s.json")).ranking] == labels
     with pytest.raises(ConfigError, match="must exceed the trained window"):
         sweep(model, seq, 64)
+    with pytest.raises(ConfigError, match="straddles the trained window 64"):
+        region_loss(perplexity(model, seq, [128], buckets=48), 128, 64, True)
     with pytest.raises(ConfigError, match="no grid"):
         sweep(model, seq, 128, methods=["base-truncation"])
+
+
+def test_sweep_regions_are_split_at_the_trained_window(model):
+    seq = ids(128)[0]
+    res = sweep(model, seq, 128, methods=["pi"], buckets=48)  # buckets 0-48, 48-96, 96-128: one straddles 64
+    assert [(s, e) for s, e, _ in res.ranking[0]["bucket_loss"]] == [(0, 48), (48, 64), (64, 96), (96, 128)]
+    for x in res.ranking:
+        with parse_method_spec(x["label"]).applied(model):
+            scored, _ = reference_token_losses(model, seq, 128, 128)
+        for key, part in (("loss_within", [loss for p, loss in scored if p < 64]),
+                          ("loss_beyond", [loss for p, loss in scored if p >= 64])):
+            assert x[key] == pytest.approx(sum(part) / len(part), rel=1e-5)
+
+
+def test_every_default_candidate_is_ranked(model):
+    specs = candidates(model, 128)
+    assert "streaming:window=59" in [s.label for s in specs]  # 4 sinks + 59 + 1 = the trained window 64
+    res = sweep(model, ids(128)[0], 128)
+    assert len(res.ranking) == len(specs) > 20
+    assert [x["label"] for x in res.ranking if x["error"] or not math.isfinite(x["loss_beyond"])] == []
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------------

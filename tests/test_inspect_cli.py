@@ -1,11 +1,17 @@
 """The RoPE inspector (critical dimensions) and the `llama-ctx methods|inspect` commands."""
 
 import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import llama_ctx
 from llama_ctx.cli import main, parse_params
+from llama_ctx.io import load
 from conftest import tiny_config, tiny_model
 
 
@@ -42,3 +48,38 @@ def test_cli_methods_and_inspect(tmp_path, capsys):
 def test_parse_params():
     assert parse_params(["--factor", "4", "--beta-fast=16", "--log-scale", "false"]) == dict(
         factor=4, beta_fast=16, log_scale=False)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def python_m(module, *args):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=600)
+
+
+def test_python_dash_m_runs_the_command_line():
+    done = python_m("llama_ctx.cli", "--help")
+    assert done.returncode == 0 and done.stdout.startswith("usage: llama-ctx") and "inspect" in done.stdout
+    done = python_m("llama_ctx", "inspect", "/nonexistent/model")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "llama-ctx: error: model path '/nonexistent/model' does not exist; give a local model folder or a .gguf file"]
+
+
+def test_bad_model_path_or_dtype_gives_one_clear_error(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for argv, message in [(["inspect", str(tmp_path / "missing")], "model path .* does not exist"),
+                          (["inspect", str(empty)], "cannot read a model config from"),
+                          (["eval", "ppl", "--model", str(empty), "--lengths", "8", "--out", str(tmp_path / "o")],
+                           "cannot load a model and tokenizer from")]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and re.match(f"llama-ctx: error: {message}", err[0]), err
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "ppl", "--dtype", "nn", "--lengths", "8", "--out", str(tmp_path / "o")])
+    assert exit_.value.code == 2 and "invalid choice: 'nn'" in capsys.readouterr().err
+    with pytest.raises(llama_ctx.ConfigError, match="unknown dtype 'nn'; use one of float32"):
+        load(empty, dtype="nn")

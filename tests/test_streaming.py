@@ -154,3 +154,95 @@ def test_bad_runtime_inputs(model):
         model(x, **cache_kwargs(StreamingCache(2, 8)))
     with pytest.raises(ConfigError, match="2D padding mask"):
         model(x, attention_mask=torch.zeros(1, 1, 20, 20))
+
+
+def test_prefill_runs_in_query_chunks_without_a_mask_over_all_keys(monkeypatch):
+    import llama_ctx.attention.streaming as streaming
+
+    monkeypatch.setattr(streaming, "CHUNK", 16, raising=False)
+    shapes, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        shapes.append(tuple(attn_mask.shape))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    model = tiny_model()
+    llama_ctx.patch(model, "streaming", sink_tokens=S, window=W)
+    a, b = ids(75, seed=2), ids(40, seed=3)
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 35, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :35] = 0
+    out = logits(model, batch, attention_mask=mask, use_cache=False)  # 5 chunks of queries, no cache
+    assert shapes and max(s[-2] for s in shapes) == 16 and max(s[-1] for s in shapes) <= S + 16 + W < 75
+    torch.testing.assert_close(out[0], dense_reference(model, a[0]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[1, 35:], dense_reference(model, b[0]), atol=1e-4, rtol=0)
+    cache, chunks = StreamingCache(S, W), []
+    with torch.no_grad():  # chunks of 30 through the cache, each in two query chunks
+        for start in range(0, 75, 30):
+            chunks.append(model(batch[:, start:start + 30], attention_mask=mask[:, :start + 30],
+                                **cache_kwargs(cache)).logits)
+    torch.testing.assert_close(torch.cat(chunks, 1), out, atol=1e-4, rtol=0)
+
+
+def _enable_checkpointing(model, reentrant: bool):
+    enable = getattr(model, "activation_checkpointing_enable", None)  # the 5.x name
+    kwargs = {"use_reentrant": reentrant}
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
+    x = ids(40, batch=2, seed=4)  # longer than S + W: sinks seen from far away
+    grads, losses = [], []
+    for checkpointing in (False, True):
+        model = tiny_model().train()
+        llama_ctx.patch(model, "streaming", sink_tokens=S, window=W)
+        if checkpointing:
+            _enable_checkpointing(model, reentrant)
+        loss = model(x, labels=x).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+        if checkpointing:
+            model.eval()
+            torch.testing.assert_close(logits(model, x)[1], dense_reference(model, x[1]), atol=1e-4, rtol=0)
+    assert torch.equal(losses[0], losses[1]) and grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        assert g is not None and g.abs().sum() > 0, name
+        torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5)
+
+
+def test_concurrent_forwards_equal_sequential(model):
+    import threading
+
+    llama_ctx.patch(model, "streaming", sink_tokens=S, window=8)
+    inputs = [ids(12 + 7 * (i % 5), seed=i) for i in range(100)]  # different lengths: different plans
+    expected = [logits(model, x) for x in inputs]
+    results, errors = [None] * len(inputs), []
+
+    def work(first):
+        try:
+            for i in range(first, len(inputs), 4):
+                results[i] = logits(model, inputs[i])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert all(torch.equal(r, e) for r, e in zip(results, expected))
+
+
+def test_layers_called_without_the_plan_raise(model):
+    llama_ctx.patch(model, "streaming", window=8)
+    layer, x = model.model.layers[0], torch.randn(1, 5, 64)
+    cos_sin = model.model.rotary_emb(x, torch.arange(5)[None])
+    with pytest.raises(UnsupportedModelError, match="not the layers directly"):
+        layer(x, position_embeddings=cos_sin, attention_mask=None)

@@ -16,9 +16,15 @@ from __future__ import annotations
 from .. import compat
 from ..errors import UnsupportedModelError
 
+_NONE = object()  # `PatchedForward.extra` not computed yet
+
 
 class PatchedForward:
     """The `forward` of one patched attention module: argument handling shared by every attention method.
+
+    It holds no closures and no state of a call, so a patched model can be deep-copied (the copy's forwards refer to
+    the copy's modules: `copy.deepcopy` maps `module` and `backbone` with the rest of the model), pickled with
+    `torch.save`, and called from several threads.
 
     Attributes:
         name: the method's registered name (for errors).
@@ -26,12 +32,33 @@ class PatchedForward:
         params: the method's parameters.
         module: the attention module this forward belongs to.
         backbone: the decoder stack; its `rotary_emb` is read at call time (a rope method may come later).
-        extra: whatever the method prepared in `prepare` (e.g. its position scheme).
+        extra: what `prepare` returned. It is neither copied nor pickled (it may hold lambdas or weak references):
+            a copy or a loaded model rebuilds its own from `params` on first use.
     """
 
-    def __init__(self, name, impl, params, module, backbone, extra=None):
-        self.name, self.impl, self.params, self.extra = name, impl, params, extra
+    def __init__(self, name, impl, params, module, backbone, extra=_NONE):
+        self.name, self.impl, self.params = name, impl, params
         self.module, self.backbone = module, backbone
+        if extra is not _NONE:
+            self._extra = extra
+
+    @property
+    def extra(self):
+        extra = self.__dict__.get("_extra", _NONE)
+        if extra is _NONE:
+            from ..patch import PatchContext, _get_state
+            from ..rope.base import RopeSpec
+
+            state = _get_state(self.backbone)  # the copy's own state
+            spec = state.spec if state is not None else RopeSpec.from_config(self.backbone.config)
+            ctx = PatchContext(self.backbone, self.backbone, spec, state.applied.get("rope") if state else None)
+            extra = self.__dict__.setdefault("_extra", self.impl.prepare(self.params, ctx))  # one winner per thread race
+        return extra
+
+    def __getstate__(self):
+        state = dict(vars(self))
+        state.pop("_extra", None)
+        return state
 
     def __call__(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         cache = compat.take_cache(kwargs, self.name)
@@ -71,7 +98,11 @@ class AttentionMethod:
             patcher.set(attn, "forward", PatchedForward(self.name, self, params, attn, ctx.backbone, extra))
 
     def prepare(self, params, ctx):
-        """Anything the forwards share, computed once at patch time (stored as `PatchedForward.extra`)."""
+        """Anything the forwards share, computed once at patch time (stored as `PatchedForward.extra`).
+
+        It must depend on `params` and the model only (`ctx.spec`, `ctx.config`): a deep copy or an unpickled model
+        calls it again on first use.
+        """
         return None
 
     def attend(self, fwd: PatchedForward, attn, hidden_states, attention_mask, cache, position_ids):

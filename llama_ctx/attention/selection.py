@@ -21,9 +21,12 @@ Selection score, per KV head (the g query heads sharing it choose together), wit
   * "block-topk": s(i, b) = sum_{h in group} <R(W) q_h,i , R(0) mean_{j in b} k_j>
 The best k / k_blocks candidates (torch.topk) are selected; fewer candidates -> all of them.
 
-Positions: key positions are cache index - offset, the offset per row being taken from the last query's
-`position_ids` (left padding as `generate()` builds it: pads first, then consecutive positions from 0). Keys at
-negative positions (the pads) are never visible; the attention mask is not read.
+Positions: each row's real tokens are numbered 0, 1, ... in order (what `generate()` passes as `position_ids`;
+`position_ids` starting later, growing by one per real token, shift them); which tokens are padding comes from the
+attention mask, so a padded batch needs no `position_ids`. Padding keys are never visible. Only a padding mask
+(causal, padded keys hidden, as transformers builds it from a 2D mask) is accepted; custom 4D masks and
+`position_ids` that do not grow by one per real token (packed sequences) raise a `ConfigError`. Decoding one token
+needs left padding (the layout `generate()` uses).
 
 Cache: the standard `DynamicCache` holds *unrotated* keys; each call rotates only what it needs (the window,
 or all keys of a prefill chunk) with the rotary frequencies current at call time, so any rope method composes.
@@ -45,7 +48,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from ..cache import append
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 from ..registry import check_int, from_model, register
 from ..rope.module import cos_sin, rotary_frequencies, rotate
 from .base import AttentionMethod
@@ -122,7 +125,7 @@ class _BlockSums:
         exactly that tensor, rebuild them from all `keys`."""
         start = self.done if previous is not None and self.keys() is previous else 0
         B, Hkv, N, d = keys.shape
-        nb = int(key_pos[:, -1].max().clamp(min=0)) // block_size + 1
+        nb = int(key_pos.max().clamp(min=0)) // block_size + 1
         if start == 0:
             self.sums = keys.new_zeros((B, Hkv, 0, d), dtype=torch.float32)
             self.counts = keys.new_zeros((B, 0), dtype=torch.float32)
@@ -156,6 +159,65 @@ def _check_layer(layer) -> None:
         )
 
 
+def _real_keys(mask, B: int, T: int, N: int, name: str, device) -> torch.Tensor:
+    """Which of the N keys are real tokens, (B, N) bool, read from the attention mask the layer gets.
+
+    Only the mask transformers builds from a 2D padding mask is understood: causal, padded keys hidden (bool for
+    sdpa, 0 / dtype-min float for eager; None when nothing is padded). Selection decides visibility itself, so any
+    other mask (packed documents, prefix-LM, additive biases) would be ignored: it raises instead.
+    """
+    if mask is None:
+        return torch.ones(B, N, dtype=torch.bool, device=device)
+    if mask.dim() != 4 or mask.shape[0] not in (1, B) or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (T, N):
+        raise _not_padding(name, f"a mask of shape {tuple(mask.shape)} for {T} queries over {N} keys")
+    last = mask[:, 0, -1]
+    real = (last if last.dtype == torch.bool else last == 0).expand(B, N)  # the newest query sees every real key
+    cols = torch.arange(N, device=mask.device)
+    for a in range(0, T, 256):  # compare row chunks with what a padding mask gives: no second T x N map
+        m = mask[:, 0, a:a + 256]
+        allowed = m if m.dtype == torch.bool else m == 0
+        expected = (cols <= torch.arange(N - T + a, N - T + a + m.shape[1], device=mask.device)[:, None]) & real[:, None]
+        if not torch.equal(allowed.expand_as(expected), expected) or (
+                m.dtype != torch.bool and bool(((m != 0) & (m > torch.finfo(m.dtype).min / 2)).any())):
+            raise _not_padding(name, "a custom attention mask")
+    return real
+
+
+def _not_padding(name: str, what: str) -> ConfigError:
+    return ConfigError(f"{name}: got {what}; token selection decides which keys each query sees and honours only a "
+                       "padding mask: pass a 2D attention_mask [batch, tokens] (1 = real token, 0 = padding).")
+
+
+def _key_positions(real: torch.Tensor, position_ids, T: int, name: str) -> torch.Tensor:
+    """Key positions (B, N): each row's real tokens numbered in order from its first position, negative for padding.
+
+    The first position is 0 (what generate() passes) unless `position_ids` start the row's real tokens later (e.g.
+    a continuation without its cache); they must grow by one per real token. The plain arange transformers fills
+    in when no position_ids are given is not read, so a padded batch needs none.
+    """
+    B, N = real.shape
+    rank = real.cumsum(-1) - 1
+    base = torch.zeros(B, 1, dtype=rank.dtype, device=rank.device)
+    if position_ids is not None:
+        given = position_ids.to(rank.device).expand(B, T)
+        if not torch.equal(given, torch.arange(N - T, N, device=rank.device).expand(B, T)):
+            q_real, diff = real[:, N - T:], given - rank[:, N - T:]
+            base = torch.where(q_real, diff, 0).amax(-1, keepdim=True)
+            if not bool(((diff == base) | ~q_real).all()) or bool((base < 0).any()):
+                raise ConfigError(f"{name}: position_ids must grow by one per real token of a row (what generate() "
+                                  "passes, with the padding given by attention_mask); got others (e.g. packed "
+                                  "sequences), which this method does not handle.")
+    if T > 1:
+        return torch.where(real, rank + base, -1)
+    # decoding gathers keys by column (sinks, blocks): real tokens must be the last columns of each row
+    first = N - real.sum(-1, keepdim=True)
+    columns = torch.arange(N, device=real.device)[None]
+    if not torch.equal(columns >= first, real) or bool((first == N).any()):
+        raise ConfigError(f"{name}: decoding needs left padding (each row's padding before its tokens, and the new "
+                          "token real), as generate() builds it.")
+    return torch.where(real, columns - first + base, columns - first)
+
+
 class _Selection(AttentionMethod):
     """Shared forward; subclasses define the selection (dense prefill mask and one-query gather)."""
 
@@ -184,12 +246,8 @@ class _Selection(AttentionMethod):
         if cache is not None:  # unrotated keys go into the standard cache
             k, v = append(cache, attn.layer_idx, k, v)  # = update(), O(1) amortized
             _check_layer(cache.layers[attn.layer_idx])
-        N = k.shape[2]
-        if position_ids is None:
-            position_ids = torch.arange(N - T, N, device=q.device)[None]
-        offset = (N - 1) - position_ids[:, -1].expand(B)  # cache index - position, per row
-        key_pos = torch.arange(N, device=q.device)[None] - offset[:, None]  # (B, N); < 0: left padding
-        inv_freq, scaling = rotary_frequencies(fwd.backbone.rotary_emb, position_ids)
+        key_pos = _key_positions(_real_keys(attention_mask, B, T, k.shape[2], self.name, q.device), position_ids, T, self.name)
+        inv_freq, scaling = rotary_frequencies(fwd.backbone.rotary_emb, key_pos[:, -T:].clamp(min=0))
         rot = lambda x, pos: _rotate(x, pos, inv_freq, scaling)  # noqa: E731
         blocks = None
         if self.keeps_blocks:

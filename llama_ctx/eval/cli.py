@@ -14,12 +14,13 @@ import re
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..io import DTYPES
 from .needle import NeedleResult, needle
 from .passkey import PasskeyResult, passkey
 from .perplexity import PerplexityResult, as_token_ids, check_enough, perplexity
 from .results import new_figure, save_figure, write_atomic
 from .specs import MethodSpec, parse_depths, parse_length, parse_lengths, parse_methods
-from .sweep import SweepResult, candidates
+from .sweep import SweepResult, candidates, split_buckets
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 QUESTION = "What is the best thing to do in San Francisco? Answer: The best thing to do in San Francisco is"
@@ -38,7 +39,7 @@ def add_parser(sub) -> None:
 def _common(p) -> None:
     p.add_argument("--model", default=None, help="local HF folder or .gguf file (default: the shipped SmolLM2)")
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--text", default=None, help="file, folder or dataset name (default: built-in Python docs)")
@@ -279,21 +280,22 @@ def run_sweep(args) -> None:
     specs = candidates(model, target, chosen)
     ids, digest = load_token_ids(args, tokenizer, target)
     ids = ids[:target]
+    from .perplexity import trained_window
+
+    buckets = split_buckets(target, args.buckets, trained_window(model))  # split at the window: exact regions
     store = CellStore(Path(args.out) / "sweep", dict(task="sweep", target=target, text=digest,
-                                                     buckets=args.buckets, **model_settings(args)))
+                                                     buckets=buckets, **model_settings(args)))
     runs = []
     for spec in tqdm(specs, desc="sweep", unit="candidate"):
         data = store.get(spec.label)
         if data is None:
             try:
                 with spec.applied(model):
-                    data = perplexity(model, ids, [target], buckets=args.buckets).to_dict()
+                    data = perplexity(model, ids, [target], buckets=buckets).to_dict()
             except LlamaCtxError as e:
                 data = {"error": f"{type(e).__name__}: {e}"}
             store.put(spec.label, spec.label, data)
         runs.append((spec, data["error"] if "error" in data else PerplexityResult.from_dict(data)))
-    from .perplexity import trained_window
-
     result = SweepResult.from_runs(target, trained_window(model), runs)
     root = Path(args.out) / "sweep"
     result.to_json(root / "sweep.json")

@@ -3,7 +3,8 @@
 For each (length, depth) the haystack is cut to fit `length` tokens, the needle sentence is inserted at the
 sentence or line end just before `depth` of the way in, and the question is appended verbatim (end it with an answer
 prefix such as "... Answer:" for base models). The model continues greedily; the score is 1 when the answer appears
-in the continuation (case and punctuation ignored), otherwise the fraction of the answer's words that appear.
+in the continuation as a run of whole words (case and punctuation ignored), otherwise the fraction of the
+answer's words that appear.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ def _words(text: str) -> list[str]:
 
 
 def needle_score(continuation: str, answer: str) -> float:
-    """1.0 if `answer` appears in `continuation` (words compared, case and punctuation ignored), else the
-    fraction of the answer's distinct words found in the continuation."""
+    """1.0 if the words of `answer` appear in `continuation` as a run of whole words (case and punctuation
+    ignored: "42" is not found in "1421"), else the fraction of the answer's distinct words found in it."""
     want, got = _words(answer), _words(continuation)
     if not want:
         raise ConfigError("the answer must contain at least one word")
-    if " ".join(want) in " ".join(got):
+    n = len(want)
+    if any(got[i:i + n] == want for i in range(len(got) - n + 1)):
         return 1.0
     return len(set(want) & set(got)) / len(set(want))
 

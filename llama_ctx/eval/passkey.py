@@ -1,7 +1,8 @@
 """The synthetic passkey test (Mohtashami & Jaggi 2023, "Landmark Attention"; used by PI, YaRN, LongLoRA).
 
 A random 5-digit key is hidden at a relative depth inside repeated filler sentences, and the prompt ends by asking
-for it. The model continues greedily for a few tokens; a trial is correct if the key appears in the continuation.
+for it. The model continues greedily for a few tokens; a trial is correct if the key appears in the continuation as
+a whole number.
 The prompt is fitted to the requested length: it has at most `length` tokens and less than one filler sentence
 group fewer. `depth` is the fraction of the filler placed before the key (0 = right after the instructions,
 1 = right before the question).
@@ -10,6 +11,7 @@ group fewer. `depth` is the fraction of the filler placed before the key (0 = ri
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -53,8 +55,9 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> tuple[str,
 
 
 def passkey_correct(continuation: str, key: int) -> bool:
-    """A trial is correct when the key's digits appear in the generated continuation."""
-    return str(key) in continuation
+    """A trial is correct when the key appears in the generated continuation as a whole number (not inside a longer
+    run of digits: "912345" does not answer 12345)."""
+    return re.search(rf"(?<!\d){key}(?!\d)", continuation) is not None
 
 
 def trial_key(seed: int, length: int, depth: float, trial: int) -> int:

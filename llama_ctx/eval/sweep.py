@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from .. import registry
 from ..errors import ConfigError, LlamaCtxError
-from .perplexity import PerplexityResult, as_token_ids, check_enough, perplexity, trained_window
+from .perplexity import PerplexityResult, as_token_ids, bucket_edges, check_enough, perplexity, trained_window
 from .results import Result
 from .specs import STOCK, MethodSpec
 
@@ -45,7 +45,8 @@ GRID = {
                                     for w in _windows(T) for g in sorted({math.ceil((L - w) / (T - w)),
                                                                           2 * math.ceil((L - w) / (T - w))})],
     "lambda": lambda r, T, L: [{"local_window": T}, {"local_window": max(T // 2, 1)}],
-    "streaming": lambda r, T, L: [{"window": max(T - 4, 1)}],
+    # the largest window the 4 default sinks allow: positions reach sink_tokens + window, which must stay < T
+    "streaming": lambda r, T, L: [{"window": max(T - 5, 1)}],
     "topk": lambda r, T, L: [{"k": max(T // 8, 1)}, {"k": max(T // 4, 1)}],
     "block-topk": lambda r, T, L: [{"block_size": 64, "k_blocks": max(T // 4 // 64, 1)}],
 }
@@ -73,8 +74,21 @@ def candidates(model, target: int, methods=None) -> list[MethodSpec]:
     return list({s.label: s for s in specs}.values())
 
 
+def split_buckets(target: int, buckets, window: int) -> list[int]:
+    """Inner bucket boundaries for a sweep: those of `bucket_edges` plus the trained window itself, so that every
+    bucket lies entirely before or entirely past it and `region_loss` is exact."""
+    return sorted({*bucket_edges(target, buckets, window)[1:-1], window} - {0, target})
+
+
 def region_loss(r: PerplexityResult, length: int, window: int, beyond: bool) -> float:
-    """Token-weighted mean loss of the buckets at or past `window` (beyond) or before it."""
+    """Token-weighted mean loss of the tokens at positions >= `window` (beyond) or < `window`.
+
+    Exact: buckets must not straddle `window` (`split_buckets` makes sure of it); one that does raises.
+    """
+    straddling = [(s, e) for s, e, _ in r.bucket_loss[length] if s < window < e]
+    if straddling:
+        raise ConfigError(f"bucket {straddling[0]} straddles the trained window {window}, so the loss before and "
+                          "past it cannot be separated; measure with split_buckets(...) as buckets")
     pairs = [(loss, c) for (s, e, loss), c in zip(r.bucket_loss[length], r.bucket_tokens[length])
              if c and ((s >= window) if beyond else (e <= window))]
     total = sum(c for _, c in pairs)
@@ -163,7 +177,7 @@ def sweep(model, token_ids, target: int, methods=None, buckets=None, progress: b
         token_ids: one tokenized text of at least `target` tokens.
         target: the context length you want to reach (> trained window).
         methods: names or MethodSpecs to sweep (default: every registered method that has a grid).
-        buckets: position buckets, as in `perplexity`.
+        buckets: position buckets, as in `perplexity`; the trained window is always added as a boundary.
         progress: show a tqdm bar.
 
     Returns:
@@ -176,13 +190,14 @@ def sweep(model, token_ids, target: int, methods=None, buckets=None, progress: b
     ids = as_token_ids(token_ids)
     check_enough(len(ids), target)
     specs = candidates(model, target, methods)
+    inner = split_buckets(target, buckets, trained_window(model))
     runs = []
     from tqdm.auto import tqdm
 
     for spec in tqdm(specs, desc="sweep", disable=not progress):
         try:
             with spec.applied(model):
-                runs.append((spec, perplexity(model, ids[:target], [target], buckets=buckets)))
+                runs.append((spec, perplexity(model, ids[:target], [target], buckets=inner)))
         except LlamaCtxError as e:
             runs.append((spec, f"{type(e).__name__}: {e}"))
     return SweepResult.from_runs(target, trained_window(model), runs)
