@@ -5,6 +5,11 @@ rel(i, j) = i - j if i - j < window, else i // g - j // g + window - window // g
 queries at P_q(i) = i // g + window - window // g and outer keys at P_k(j) = j // g (the cache stores keys
 rotated at j // g). The largest outer distance stays inside the trained window T for inputs of up to
 (T - window) * g + window positions; a longer input raises a `ConfigError` naming the group size it needs.
+
+NOTE: the shift is the integer w - w // g, as in the paper's Algorithm 1 (`shift = w_size - w_size // g_size`),
+so every grouped position is an integer, a position the model was trained on. The authors' code
+(datamllab/LongLM, self_extend_patch/Llama.py) writes `w - w / g` in its prefill path but `w - w // g` in its
+decode path, so there a prompt and the tokens generated after it see different positions unless g divides w.
 """
 
 import math
