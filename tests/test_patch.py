@@ -197,3 +197,62 @@ def test_rope_plus_attention_method_saved_and_reapplied(tmp_path):
     torch.testing.assert_close(logits(again, x), expected, atol=1e-5, rtol=0)
     stock = logits(llama_ctx.unpatch(model), x)
     torch.testing.assert_close(logits(llama_ctx.unpatch(again), x), stock, atol=1e-5, rtol=0)
+
+
+def _snapshot(model):
+    """Everything a patch could leave behind: instance attributes of every module, config values, state."""
+    modules = {name: dict(vars(m)) for name, m in model.named_modules()}
+    return modules, model.config, model.config.to_dict(), llama_ctx.state(model)
+
+
+def _assert_same(model, snap):
+    modules, config, values, st = snap
+    now = {name: dict(vars(m)) for name, m in model.named_modules()}
+    assert now.keys() == modules.keys()
+    for name, attrs in modules.items():  # same attribute names, the very same objects
+        assert now[name].keys() == attrs.keys(), name
+        assert all(now[name][k] is v for k, v in attrs.items()), name
+    assert model.config is config and model.config.to_dict() == values and llama_ctx.state(model) == st
+
+
+@pytest.mark.parametrize("first", [None, ("yarn", dict(factor=2.0))])
+def test_attention_method_failing_half_way_leaves_the_model_untouched(first, monkeypatch):
+    model = tiny_model()
+    if first:
+        llama_ctx.patch(model, first[0], **first[1])
+    x = ids(150)
+    before, snap = logits(model, x), _snapshot(model)
+    impl = llama_ctx.registry.get("rerope").impl
+    apply = impl.apply
+
+    def half_way(params, ctx, patcher):
+        apply(params, ctx, patcher)  # every attention forward replaced, through the patcher
+        patcher.set(ctx.backbone, "extra_attribute", 1)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(impl, "apply", half_way)
+    with pytest.raises(RuntimeError, match="boom"):
+        llama_ctx.patch(model, "rerope", window=16)
+    _assert_same(model, snap)
+    assert torch.equal(logits(model, x), before)
+    monkeypatch.undo()
+    llama_ctx.unpatch(model)
+    assert torch.equal(logits(model, x), logits(tiny_model(), x))
+
+
+def test_rope_method_failing_after_the_rotary_swap_leaves_the_model_untouched(monkeypatch):
+    import dataclasses
+
+    model = tiny_model()
+    x = ids(150)
+    before, snap = logits(model, x), _snapshot(model)
+    pi = llama_ctx.registry.get("pi")
+
+    def boom(params, spec):  # called by the config update, after the rotary module was replaced
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(llama_ctx.registry._METHODS, "pi", dataclasses.replace(pi, native=boom))
+    with pytest.raises(RuntimeError, match="boom"):
+        llama_ctx.patch(model, "pi", factor=2)
+    _assert_same(model, snap)
+    assert torch.equal(logits(model, x), before)
