@@ -3,7 +3,9 @@
 Every change goes through a `Patcher`, which remembers whether the attribute was the instance's own and its
 old value, so `unpatch` puts back the very same objects (bit-exact logits) and never touches the class.
 The model's config is copied on first patch and the copy is bound to this model's modules only: two models
-built from one config object stay independent, and `save_pretrained` writes the patched config.
+built from one config object stay independent, and `save_pretrained` writes the patched config. `unpatch` puts
+the original config object back and carries over every edit made to the copy meanwhile (e.g.
+`model.config.use_cache = False`), except the fields llama_ctx itself writes (`WRITTEN`), which it restores.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .rope.module import RotaryEmbedding
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _STATE_ATTR = "_llama_ctx_state"
 CONFIG_KEY = "llama_ctx"  # config entry that records what is applied (saved by save_pretrained)
+WRITTEN = frozenset({"rope_parameters", CONFIG_KEY})  # the config fields llama_ctx writes while patched
 
 
 class Patcher:
@@ -64,6 +67,8 @@ class PatchState:
     original_rope_parameters: dict
     config_patcher: Patcher = field(default_factory=Patcher)
     applied: dict[str, Applied] = field(default_factory=dict)  # kind -> Applied
+    # (the model's config, this model's private copy, the copy's attributes when it was made)
+    configs: tuple[Any, Any, dict] | None = None
 
 
 @dataclass
@@ -155,7 +160,7 @@ def patch(model, method: str, **params):
     fresh = st is None
     if fresh:
         st = PatchState(spec, copy.deepcopy(dict(backbone.config.rope_parameters or {})))
-        _own_config(model, backbone, st.config_patcher)
+        st.configs = _own_config(model, backbone, st.config_patcher)
     patcher = Patcher()
     try:
         if m.kind == "rope":
@@ -187,6 +192,7 @@ def unpatch(model):
     for kind in reversed(list(st.applied)):
         st.applied.pop(kind).patcher.undo()
     st.config_patcher.undo()
+    _carry_back_edits(*st.configs)
     object.__delattr__(backbone, _STATE_ATTR)
     return model
 
@@ -201,13 +207,31 @@ def patched(model, method: str, **params):
         unpatch(model)
 
 
-def _own_config(model, backbone, patcher: Patcher) -> None:
-    """Give this model a private copy of its config, bound wherever the old one was."""
+def _own_config(model, backbone, patcher: Patcher) -> tuple[Any, Any, dict]:
+    """Give this model a private copy of its config, bound wherever the old one was: (old, copy, copy's values)."""
     old = backbone.config
     new = copy.deepcopy(old)
     for module in {id(m): m for m in [*model.modules(), backbone]}.values():
         if vars(module).get("config") is old:
             patcher.set(module, "config", new)
+    return old, new, copy.deepcopy(vars(new))
+
+
+def _carry_back_edits(old, new, made: dict) -> None:
+    """Apply to `old` what was changed on the private copy `new` since it was made, except llama_ctx's fields."""
+    now = vars(new)
+    for key in (made.keys() | now.keys()) - WRITTEN:
+        if key not in now:
+            vars(old).pop(key, None)  # deleted by the user
+        elif key not in made or not _equal(now[key], made[key]):
+            vars(old)[key] = now[key]  # the raw attribute, as the copy's own setters left it
+
+
+def _equal(a, b) -> bool:
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # e.g. values whose == is elementwise: treat as changed, and carry them back
+        return False
 
 
 def _write_config(config, st: PatchState) -> None:

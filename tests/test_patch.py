@@ -7,6 +7,7 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Lla
 
 import llama_ctx
 from llama_ctx import ConfigError, LlamaCtxError, PatchStateError, UnsupportedModelError
+from llama_ctx.patch import CONFIG_KEY
 from conftest import TINY, clone_with, ids, logits, tiny_config, tiny_model
 
 
@@ -256,3 +257,38 @@ def test_rope_method_failing_after_the_rotary_swap_leaves_the_model_untouched(mo
         llama_ctx.patch(model, "pi", factor=2)
     _assert_same(model, snap)
     assert torch.equal(logits(model, x), before)
+
+
+def test_unpatch_keeps_config_edits_made_while_patched(model):
+    config = model.config
+    x = ids(150)
+    before = logits(model, x)
+    llama_ctx.patch(model, "yarn", factor=4)
+    model.config.use_cache = False
+    model.config.pad_token_id = 7
+    model.config._attn_implementation = "eager"
+    model.config.my_note = "kept"
+    del model.config.problem_type
+    llama_ctx.unpatch(model)
+    assert model.config is config
+    assert (config.use_cache, config.pad_token_id, config._attn_implementation, config.my_note) == \
+        (False, 7, "eager", "kept")
+    assert "problem_type" not in vars(config)
+    # what llama_ctx wrote is gone: the original rope, no llama_ctx entry, the stock logits
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
+    assert not hasattr(config, CONFIG_KEY)
+    torch.testing.assert_close(logits(model, x), before, atol=1e-5, rtol=0)  # eager instead of sdpa now
+    model.config._attn_implementation = "sdpa"
+    assert torch.equal(logits(model, x), before)
+
+
+def test_config_edits_while_patched_reach_the_shared_config_only_on_unpatch():
+    cfg = tiny_config()
+    a, b = AutoModelForCausalLM.from_config(cfg), AutoModelForCausalLM.from_config(cfg)
+    llama_ctx.patch(a, "pi", factor=2)
+    a.config.pad_token_id = 7
+    assert cfg.pad_token_id is None and b.config is cfg  # the twin does not see the patched model's config
+    assert b.config.rope_parameters["rope_type"] == "default"
+    llama_ctx.unpatch(a)
+    assert a.config is cfg and cfg.pad_token_id == 7  # back to one shared config, with the edit
+    assert cfg.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
