@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from . import compat, registry
-from .errors import PatchStateError, UnsupportedModelError
+from .errors import ConfigError, PatchStateError, UnsupportedModelError
 from .rope.base import RopeSpec
 from .rope.module import RotaryEmbedding
 
@@ -55,15 +55,18 @@ class Applied:
     params: Any
     patcher: Patcher
 
+    replace_native: bool = False  # a rope method applied with replace_native=True over native scaling
+
     def describe(self) -> dict:
-        return {"method": self.method.name, "kind": self.method.kind, "params": dataclasses.asdict(self.params)}
+        out = {"method": self.method.name, "kind": self.method.kind, "params": dataclasses.asdict(self.params)}
+        return {**out, "replace_native": True} if self.replace_native else out
 
 
 @dataclass
 class PatchState:
     """What llama_ctx applied to one model: at most one rope and one attention method."""
 
-    spec: RopeSpec  # the model's own rotary embedding, before any method
+    spec: RopeSpec  # the model's rotary embedding as the methods see it (`.unscaled()` after replace_native=True)
     original_rope_parameters: dict
     config_patcher: Patcher = field(default_factory=Patcher)
     applied: dict[str, Applied] = field(default_factory=dict)  # kind -> Applied
@@ -113,7 +116,15 @@ def state(model) -> dict | None:
 
 
 def trained_window(model) -> int:
-    """The context length `model` was trained on, as it was before any llama_ctx patch."""
+    """The context length `model` handles as it is, which llama_ctx's methods extend.
+
+    For a model without native rope scaling: `max_position_embeddings` (or `original_max_position_embeddings`).
+    For a model that scales its RoPE natively (`rope_parameters["rope_type"]` "linear", "llama3", "yarn", ...):
+    the extended length, max(max_position_embeddings, original_max_position_embeddings * factor); 131072 for
+    Llama 3.1, not its 8192 pre-training window, since the model as shipped handles 131072 (dynamic NTK:
+    `max_position_embeddings`, past which it scales). After a rope method applied with `replace_native=True`
+    the methods start from the unscaled model, and this is its pre-training window (8192 for Llama 3.1).
+    """
     backbone = backbone_of(model)
     st = _get_state(backbone)
     return (st.spec if st else RopeSpec.from_config(backbone.config)).trained_window
@@ -123,12 +134,16 @@ def _get_state(backbone) -> PatchState | None:
     return vars(backbone).get(_STATE_ATTR)
 
 
-def patch(model, method: str, **params):
+def patch(model, method: str, *, replace_native: bool = False, **params):
     """Patch `model` in place with `method` and return it.
 
     Args:
         model: a `LlamaForCausalLM`, `LlamaModel`, PEFT-wrapped LLaMA, `MistralForCausalLM` or `Qwen2ForCausalLM`.
         method: a name from `llama_ctx.methods()`.
+        replace_native: rope methods only. Frequency methods are defined on the unscaled frequencies, so on a
+            model that scales its RoPE natively (e.g. Llama 3.1's "llama3") they are refused; with True the
+            method replaces the native scaling and starts from the unscaled frequencies and pre-training window
+            (`original_max_position_embeddings`). Attention methods keep the native scaling without this.
         **params: the method's parameters; unknown ones raise.
 
     Raises:
@@ -139,6 +154,13 @@ def patch(model, method: str, **params):
     backbone = backbone_of(model)
     st = _get_state(backbone)
     spec = st.spec if st else RopeSpec.from_config(backbone.config)
+    if registry.check_flag("replace_native", replace_native) and m.kind != "rope":
+        raise ConfigError(f"replace_native=True is for rope methods; {m.name!r} is an attention method, which keeps "
+                          "the model's own (native) rope scaling.")
+    replace_native = replace_native and spec.scaled  # nothing to replace on a model without native scaling
+    if m.kind == "rope" and spec.scaled:
+        _check_replace_native(m, spec, replace_native, st)
+        spec = spec.unscaled() if replace_native else spec
     p = registry.make_params(m, {registry.TRAINED_WINDOW: spec.trained_window}, **params)
     if st and m.kind in st.applied:
         raise PatchStateError(
@@ -152,10 +174,15 @@ def patch(model, method: str, **params):
     if attention is not None or m.kind == "attention":
         att_method, att_params = (m, p) if m.kind == "attention" else (attention.method, attention.params)
         rope = m if m.kind == "rope" else (st.applied["rope"].method if st and "rope" in st.applied else None)
-        if rope is not None:
-            reason = att_method.impl.rope_conflict(att_params, rope)
-            if reason:
-                raise PatchStateError(f"{rope.name!r} cannot be combined with {att_method.name!r}: {reason}")
+        native = rope is None and spec.scaled  # then the attention method rotates with the model's own scaling
+        if native:
+            rope = registry.Method(spec.native, "rope", object, "native", None, dynamic=spec.length_dependent)
+        reason = att_method.impl.rope_conflict(att_params, rope) if rope is not None else None
+        if reason:
+            who = f"the model's native rope scaling (rope_type {spec.native!r})" if native else repr(rope.name)
+            fix = (f" To use {att_method.name!r}, replace the native scaling first: "
+                   "llama_ctx.patch(model, 'yarn', factor=..., replace_native=True).") if native else ""
+            raise PatchStateError(f"{who} cannot be combined with {att_method.name!r}: {reason}{fix}")
 
     fresh = st is None
     if fresh:
@@ -168,7 +195,7 @@ def patch(model, method: str, **params):
             patcher.set(backbone, "rotary_emb", rotary)
         else:
             m.impl.apply(p, ctx, patcher)
-        st.applied[m.kind] = Applied(m, p, patcher)
+        st.applied[m.kind] = Applied(m, p, patcher, replace_native)
         _write_config(backbone.config, st)
     except BaseException:
         patcher.undo()
@@ -195,6 +222,25 @@ def unpatch(model):
     _carry_back_edits(*st.configs)
     object.__delattr__(backbone, _STATE_ATTR)
     return model
+
+
+def _check_replace_native(m, spec: RopeSpec, replace_native: bool, st: PatchState | None) -> None:
+    """Refuse a rope method that would silently drop the model's native scaling, or replace it too late."""
+    if not replace_native:
+        raise PatchStateError(
+            f"this model already scales its RoPE natively (rope_type {spec.native!r}, trained window "
+            f"{spec.trained_window} from {spec.base_window}); {m.name!r} is defined on the unscaled frequencies "
+            f"and would replace that scaling. To extend the model as it is, use an attention method (e.g. "
+            f"'rerope', 'self-extend'), which keeps it. To start from the unscaled frequencies and the "
+            f"{spec.base_window}-token pre-training window instead, pass replace_native=True: "
+            f"llama_ctx.patch(model, {m.name!r}, ..., replace_native=True)."
+        )
+    if st and st.applied:
+        raise PatchStateError(
+            f"replace_native=True changes the frequencies and window that {sorted(st.applied)[0]} method "
+            f"{next(iter(st.applied.values())).method.name!r} was set up for; call llama_ctx.unpatch(model), "
+            f"then apply {m.name!r} with replace_native=True first and the attention method after it."
+        )
 
 
 @contextlib.contextmanager

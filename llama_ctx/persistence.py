@@ -29,7 +29,8 @@ def from_pretrained(path, **kwargs):
         backbone.rotary_emb = type(old)(config=config, device=device) if _takes_device(old) else type(old)(config)
     for kind in ("rope", "attention"):
         if kind in entry:
-            patch(model, entry[kind]["method"], **entry[kind]["params"])
+            patch(model, entry[kind]["method"], replace_native=entry[kind].get("replace_native", False),
+                  **entry[kind]["params"])
     return model
 
 

@@ -35,8 +35,8 @@ def dynamic_frequencies(p: DynamicNTKParams, spec, seq_len=None):
 
 
 def _native(p: DynamicNTKParams, spec):
-    # transformers reads the window from `max_position_embeddings`, which patch() leaves as trained
-    if p.original_max_position_embeddings != spec.trained_window:
+    # transformers reads the window from `max_position_embeddings`, which patch() leaves as it is
+    if p.original_max_position_embeddings != (spec.max_position_embeddings or spec.trained_window):
         return None
     return {"rope_type": "dynamic", "factor": p.factor}
 

@@ -9,31 +9,39 @@ from __future__ import annotations
 
 import math
 
-from .base import RopeSpec, default_inv_freq, wavelengths
+from .base import RopeSpec, default_inv_freq, model_inv_freq, wavelengths
 
 
-def inspect_rope(model_or_config, method: str | None = None, **params) -> list[dict]:
+def inspect_rope(model_or_config, method: str | None = None, *, replace_native: bool = False,
+                 **params) -> list[dict]:
     """One row per rotary dimension pair.
 
     Args:
         model_or_config: a model (its config is read; the model is not changed) or a transformers config.
-        method: a rope method name, or None for the model's own frequencies.
+        method: a rope method name, or None for the model's own frequencies (native scaling included).
+        replace_native: as in `patch`: on a model with native rope scaling a method is refused without it; with
+            it, the rows compare the unscaled model (frequencies, pre-training window) with the method.
         **params: the method's parameters.
 
     Returns:
         Rows `{"pair", "theta", "theta_after", "wavelength", "wavelength_after", "critical", "critical_after"}`
-        where `critical` means the wavelength exceeds the trained window.
+        where `critical` means the wavelength exceeds the trained window (`llama_ctx.patch.trained_window`).
     """
     from .. import registry
+    from ..patch import _check_replace_native
 
     config = getattr(model_or_config, "config", model_or_config)
     spec = RopeSpec.from_config(config)
-    theta = default_inv_freq(spec)
+    theta = model_inv_freq(config, spec)
     after = theta
     if method is not None:
         m = registry.get(method)
         if m.kind != "rope":
             raise registry.ConfigError(f"{m.name!r} is an attention method; inspect_rope takes a rope method")
+        if spec.scaled:
+            _check_replace_native(m, spec, registry.check_flag("replace_native", replace_native), None)
+            spec = spec.unscaled()
+            theta = default_inv_freq(spec)
         p = registry.make_params(m, {registry.TRAINED_WINDOW: spec.trained_window}, **params)
         after, _ = m.impl(p, spec, None)
     rows = []

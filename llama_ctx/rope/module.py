@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import RopeSpec
+from .base import RopeSpec, length_dependent
 
 
 class RotaryEmbedding(nn.Module):
@@ -71,8 +71,21 @@ def rotary_frequencies(rotary: nn.Module, position_ids: torch.Tensor | None = No
     """(float32 inv_freq, attention_scaling) of a llama_ctx or a stock transformers rotary module.
 
     Attention methods that rotate at positions of their own (ReRoPE, Self-Extend, ...) use this so that they
-    compose with whatever frequency method is active.
+    compose with whatever frequency method is active, the model's native scaling included (a stock module's
+    `inv_freq` is already scaled by its `rope_type`).
+
+    A stock module whose frequencies depend on the length ("dynamic", "longrope") keeps in `inv_freq` those of
+    the longest input it has seen so far (transformers' `dynamic_rope_update`), stale for any other call; its
+    frequencies are computed here from `position_ids` instead, a pure function of the call as in
+    `RotaryEmbedding.frequencies`.
     """
     if isinstance(rotary, RotaryEmbedding):
         return rotary.frequencies(position_ids)
+    rope_type = getattr(rotary, "rope_type", "default")
+    if length_dependent(rope_type):
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        seq_len = int(position_ids.max()) + 1 if position_ids is not None else None
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](rotary.config, None, seq_len=seq_len)
+        return inv_freq.to(torch.float32), float(scaling)
     return rotary.inv_freq.to(torch.float32), float(rotary.attention_scaling)
