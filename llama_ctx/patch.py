@@ -30,23 +30,63 @@ WRITTEN = frozenset({"rope_parameters", CONFIG_KEY})  # the config fields llama_
 
 
 class Patcher:
-    """Records attribute changes on objects so they can be reverted exactly, newest first."""
+    """Records attribute changes on objects so they can be reverted exactly, newest first.
+
+    accelerate's hooks (`device_map` dispatch, offloading) wrap a module's forward: `module.forward` becomes a
+    wrapper that runs the hook (inputs to the execution device, offloaded weights loaded) and then calls
+    `module._old_forward`. A new `forward` there would bypass the hook, so on a hooked module the forward is
+    replaced in `_old_forward` (see `slot`). A hook added or removed after the patch moves our forward between the
+    two attributes; `undo` follows it, and `check` refuses anything else that replaced what was set.
+    """
 
     def __init__(self):
-        self._ops: list[tuple[Any, str, bool, Any]] = []
+        self._ops: list[tuple[Any, str, bool, Any, Any]] = []  # (obj, name, was own, old value, value set)
+
+    @staticmethod
+    def slot(obj, name: str) -> str:
+        """The attribute `set(obj, name, ...)` writes: `_old_forward` for the forward of an accelerate-hooked module."""
+        hooked = "_hf_hook" in vars(obj) and "_old_forward" in vars(obj)
+        return "_old_forward" if name == "forward" and hooked else name
 
     def set(self, obj, name: str, value) -> None:
+        name = self.slot(obj, name)
         own = name in vars(obj) or name in getattr(obj, "_modules", {})
-        self._ops.append((obj, name, own, getattr(obj, name) if own else None))
+        self._ops.append((obj, name, own, getattr(obj, name) if own else None, value))
         setattr(obj, name, value)
+
+    def check(self) -> None:
+        """Raise a `PatchStateError` (changing nothing) if something llama_ctx set was replaced since."""
+        for obj, name, own, old, value in self._ops:
+            if _locate(obj, name, own, old, value) is None:
+                now = vars(obj).get(name, getattr(obj, "_modules", {}).get(name))
+                raise PatchStateError(
+                    f"{type(obj).__name__}.{name} was replaced after llama_ctx.patch() (now a {type(now).__name__}), "
+                    "so unpatch() cannot restore the model exactly; undo that change first, or unpatch before "
+                    "wrapping the model."
+                )
 
     def undo(self) -> None:
         while self._ops:
-            obj, name, own, old = self._ops.pop()
+            obj, *op = self._ops.pop()
+            name, own, old = _locate(obj, *op)
             if own:
                 setattr(obj, name, old)
             else:
                 delattr(obj, name)
+
+
+def _locate(obj, name: str, own: bool, old, value) -> tuple[str, bool, Any] | None:
+    """(attribute, own, old value) that restores what `Patcher.set` changed, wherever `value` is now; None if gone."""
+    here = vars(obj).get(name, getattr(obj, "_modules", {}).get(name))
+    if here is value:
+        return name, own, old
+    if name == "forward" and vars(obj).get("_old_forward") is value:
+        # hooked after the patch: accelerate keeps our forward in `_old_forward`, which should hold what it would
+        # have found without the patch (the previous instance forward, else the class's, bound)
+        return "_old_forward", True, old if own else type(obj).forward.__get__(obj)
+    if name == "_old_forward" and "_old_forward" not in vars(obj) and vars(obj).get("forward") is value:
+        return "forward", True, old  # the hook was removed: accelerate moved our forward back to `forward`
+    return None
 
 
 @dataclass
@@ -216,6 +256,8 @@ def unpatch(model):
     st = _get_state(backbone)
     if st is None:
         return model
+    for patcher in [*(a.patcher for a in st.applied.values()), st.config_patcher]:
+        patcher.check()  # before anything changes
     for kind in reversed(list(st.applied)):
         st.applied.pop(kind).patcher.undo()
     st.config_patcher.undo()

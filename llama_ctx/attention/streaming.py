@@ -95,7 +95,8 @@ class Streaming(AttentionMethod):
 
     def apply(self, params, ctx, patcher) -> None:
         super().apply(params, ctx, patcher)
-        original = vars(ctx.backbone).get("forward")  # an instance-level forward (e.g. a hook's), else the class's
+        # an instance-level forward, else None (the class's); under an accelerate hook, the one the hook calls
+        original = vars(ctx.backbone).get(patcher.slot(ctx.backbone, "forward"))
         compat.check_signature(type(ctx.backbone).forward, self.name, _BACKBONE_HANDLED)
         patcher.set(ctx.backbone, "forward", _BackboneForward(params, ctx.backbone, original))
 
