@@ -94,7 +94,6 @@ class Applied:
     method: registry.Method
     params: Any
     patcher: Patcher
-
     replace_native: bool = False  # a rope method applied with replace_native=True over native scaling
 
     def describe(self) -> dict:

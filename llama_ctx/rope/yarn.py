@@ -61,7 +61,8 @@ def yarn_frequencies(p: YarnParams, spec, seq_len=None):
 
 
 def _native(p: YarnParams, spec):
-    return {"rope_type": "yarn", "factor": p.factor, "original_max_position_embeddings": p.original_max_position_embeddings,
+    return {"rope_type": "yarn", "factor": p.factor,
+            "original_max_position_embeddings": p.original_max_position_embeddings,
             "beta_fast": p.beta_fast, "beta_slow": p.beta_slow, "attention_factor": p.attention_factor}
 
 
