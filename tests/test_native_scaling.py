@@ -15,8 +15,9 @@ from transformers import AutoModelForCausalLM
 import llama_ctx
 from llama_ctx import ConfigError, PatchStateError
 from llama_ctx.patch import trained_window
+from llama_ctx.reference.positional import default_inv_freq
 from conftest import clone_with, ids, logits, tiny_model
-from test_attention_positional import assert_matches_reference, default_inv_freq
+from test_attention_positional import assert_matches_reference
 
 LLAMA31 = dict(max_position_embeddings=131072, rope_parameters=dict(
     rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192,

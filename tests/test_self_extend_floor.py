@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import llama_ctx
+from llama_ctx.reference.positional import TRAINED, position_matrix
 from conftest import ids, tiny_model
-from test_attention_positional import TRAINED, assert_matches_reference, position_matrix
+from test_attention_positional import assert_matches_reference
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
