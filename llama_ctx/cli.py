@@ -72,7 +72,9 @@ def _inspect(args, extra: list[str]) -> None:
         raise ConfigError(f"cannot read a model config from {str(path)!r}: {e}") from e
     params = parse_params(extra)
     rows = inspect_rope(config, args.method, **params)
-    window = RopeSpec.from_config(config).trained_window
+    spec = RopeSpec.from_config(config)
+    # with replace_native the rows are computed from the unscaled frequencies and the pre-training window
+    window = (spec.unscaled() if params.get("replace_native") else spec).trained_window
     print(format_table(rows, window))
     if args.plot:
         plot(rows, window, args.plot, title=f"{args.method or 'stock'} {params or ''}")

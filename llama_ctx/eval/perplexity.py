@@ -108,7 +108,8 @@ def scored_losses(model, ids: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def trained_window(model) -> int | None:
-    """The trained context length of `model` before any llama_ctx patch (None if the model does not say)."""
+    """The context length `model` handles as it is, before any llama_ctx patch (see `llama_ctx.patch.trained_window`;
+    the extended length for a natively scaled model), or None if the model does not say."""
     try:
         return patch_trained_window(model)
     except UnsupportedModelError:
