@@ -64,6 +64,8 @@ class PatchedForward:
         cache = compat.take_cache(kwargs, self.name)
         position_ids = kwargs.pop("position_ids", None)
         compat.check_unhandled(kwargs, self.name)
+        if cache is not None:
+            self.impl.check_cache(cache, self.module.layer_idx)
         out = self.impl.attend(self, self.module, hidden_states, attention_mask, cache, position_ids)
         return out, None
 
@@ -86,6 +88,24 @@ class AttentionMethod:
         # the forward we replace must take nothing we do not handle (a future transformers rename fails here)
         for attn in {type(a): a for a in ctx.attention_modules}.values():
             compat.check_signature(type(attn).forward, self.name)
+
+    def check_cache(self, cache, layer_idx: int) -> None:
+        """Raise if this method cannot use `cache` (called on every forward that gets one).
+
+        The methods place keys by their index in what `cache.update` returns (past + new, in order). A static
+        layer (`cache_implementation="static"`, a `StaticCache`) returns its whole preallocated buffer, unfilled
+        slots included, so every position would be off: refuse any layer that is not a growing `DynamicLayer`.
+        """
+        from transformers.cache_utils import DynamicLayer
+
+        layers = getattr(cache, "layers", None)
+        layer = layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
+        if layer is not None and not isinstance(layer, DynamicLayer):
+            raise UnsupportedModelError(
+                f"{self.name} needs a growing cache (the default DynamicCache), got a {type(cache).__name__} whose "
+                f"layer {layer_idx} is a {type(layer).__name__}, which returns its whole preallocated buffer; do not "
+                "pass cache_implementation='static' (or a StaticCache) to a patched model."
+            )
 
     def rope_conflict(self, params, rope_method) -> str | None:
         """Why `rope_method` cannot be combined with this method, or None if it can."""
