@@ -15,7 +15,8 @@ and token-by-token generation give the same result. With `use_cache`, the model 
 `llama_ctx.cache.StreamingCache` holding exactly the keys the next query needs, the S sinks and the last W tokens,
 and the positions above are their places in that cache. Padding tokens (0 in the 2D `attention_mask`) are never
 seen, do not count in t and are never sinks; a left-padded batch gives the same result per row as each row alone.
-`position_ids` passed to the model are ignored: positions come from the rule.
+`position_ids` passed to the model are not read (positions come from the rule); they must grow by one per real token
+of a row (what generate() passes), and others (e.g. packed sequences restarting at 0) raise rather than be dropped.
 
 The patched backbone forward plans each call once (ranks, rotations, sinks, query chunks) and hands the plan to
 the layers attached to the attention mask it passes down, so the plan travels with the call: concurrent forwards
@@ -192,6 +193,8 @@ class _BackboneForward:
                               f"or none, got a {attention_mask.ndim}D mask.")
         valid = (torch.ones(batch, new, dtype=torch.bool, device=x.device) if attention_mask is None
                  else attention_mask[:, -new:].to(device=x.device, dtype=torch.bool))
+        if position_ids is not None:
+            _check_positions(position_ids, valid)
         if cache is not None:
             valid = cache.plan(valid)
         dtype = backbone.embed_tokens.weight.dtype if inputs_embeds is None else inputs_embeds.dtype
@@ -206,6 +209,21 @@ class _BackboneForward:
         if cache is not None:
             cache.commit(new)
         return out
+
+
+def _check_positions(position_ids, valid: torch.Tensor) -> None:
+    """Raise unless `position_ids` grow by one per real token of each row (`valid`, [batch, new]): the only ones
+    the rule agrees with. Any other numbering (packed documents, gaps) would otherwise be silently replaced."""
+    batch, new = valid.shape
+    if position_ids.ndim != 2 or position_ids.shape[-1] != new or position_ids.shape[0] not in (1, batch):
+        raise ConfigError(f"streaming: position_ids must be [batch, {new}], got shape {tuple(position_ids.shape)}.")
+    diff = position_ids.to(valid.device).expand(batch, new) - valid.cumsum(-1)
+    big = torch.iinfo(diff.dtype).max if not diff.is_floating_point() else float("inf")
+    hi, lo = torch.where(valid, diff, -big).amax(-1), torch.where(valid, diff, big).amin(-1)
+    if bool((valid.any(-1) & (hi != lo)).any()):
+        raise ConfigError("streaming: position_ids must grow by one per real token of a row (what generate() "
+                          "passes); streaming numbers positions by place in its cache and cannot honour others "
+                          "(e.g. packed sequences restarting at 0). Pass none, or one sequence per row.")
 
 
 def _checkpointing(backbone) -> bool:
