@@ -59,3 +59,30 @@ def test_streaming_refuses_position_ids_it_would_drop():
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         torch.testing.assert_close(model(x2, attention_mask=mask, position_ids=pos).logits,
                                    model(x2, attention_mask=mask).logits)
+
+
+# ---- llama-ctx check catches small, real errors -------------------------------------------------------------------
+
+from llama_ctx import check  # noqa: E402
+from llama_ctx.attention import rerope  # noqa: E402
+
+
+def test_check_fails_on_a_log_scale_off_by_one(monkeypatch):
+    """ReRoPE's log scale from training_length - 1: 2.4e-5 from the reference on the check's tiny model, where
+    correct methods are within 3e-7. It passed under the old tolerance (1e-4)."""
+    original = rerope.ReRoPE.scheme
+
+    def off(self, p, ctx):
+        s = original(self, p, ctx)
+        return type(s)(**{**s.__dict__, "log_scale_from": p.training_length - 1})
+
+    monkeypatch.setattr(rerope.ReRoPE, "scheme", off)
+    rows = {r.check: r for r in check.run(["rerope"])}
+    assert not rows["forward"].ok, rows["forward"]
+
+
+def test_check_fails_on_a_slightly_wrong_ntk_base(monkeypatch):
+    """NTK's base half a percent off (factor 4.02 for 4): 1.8e-5 from the reference, passed under 1e-4."""
+    monkeypatch.setitem(check.CASES, "ntk", (dict(factor=4.02), check.CASES["ntk"][1]))
+    rows = {r.check: r for r in check.run(["ntk"])}
+    assert not rows["forward"].ok, rows["forward"]
