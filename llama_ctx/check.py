@@ -135,6 +135,7 @@ def _generate_rows(name, kind, params) -> Row:
 
 def check_method(name: str) -> list[Row]:
     m = registry.get(name)
+    name = m.name  # an alias ("linear", "dynamic") is checked as the method it names
     if name not in CASES:
         return [Row(name, "reference", float("nan"), False, "no reference case in llama_ctx.check.CASES")]
     params, reference = CASES[name]

@@ -105,3 +105,9 @@ def test_left_padded_batch_without_position_ids_equals_each_row_alone(name):
     with torch.no_grad():
         torch.testing.assert_close(model(x, attention_mask=mask).logits[:, 21:], model(row).logits,
                                    atol=1e-5, rtol=0)
+
+
+def test_check_resolves_aliases():
+    """`llama-ctx check --methods linear` failed with 'no reference case' for a method that has one (pi)."""
+    rows = check.run(["linear"])
+    assert rows and all(r.ok for r in rows) and {r.method for r in rows} == {"pi"}, rows
