@@ -5,10 +5,11 @@
 
 A small random LLaMA (hidden 256, 4 layers, 8 heads of 32, vocab 1024), float32, CPU, sdpa, train mode,
 use_cache=False. One step is forward + loss + backward on one sequence. Time: one model object, patched with
-"s2-attn" and unpatched in turn around each timed step, best of `--repeats`, interleaved. Memory: growth of the
-peak resident set (Linux VmHWM, reset through /proc/self/clear_refs) over one step after a warm-up step, each
-variant in a fresh subprocess, so kernel buffers count and one variant's freed memory cannot hide the other's peak;
-and, deterministic, the bytes autograd saves for backward over one forward.
+"s2-attn" and unpatched in turn around each timed step, best of `--repeats`, interleaved. Memory: the
+peak of the bytes torch's allocator holds during one step (torch profiler memory events); the bytes autograd saves
+for backward over one forward (deterministic); and the growth of the peak resident set (Linux VmHWM, reset through
+/proc/self/clear_refs) over one step after a warm-up step, each variant in a fresh subprocess, which also counts
+kernel buffers and glibc's fragmentation. Also timed: one attention layer alone, forward + backward.
 `--packed` feeds documents of 300-2000 tokens (position_ids restarting per document): the stock path then gets an
 L x L mask from transformers, S2-attn a G x G mask per group.
 """
@@ -88,6 +89,30 @@ def saved_bytes(model, inputs):
     return sum(seen.values())
 
 
+def allocator_peak(fn):
+    """Peak of the bytes held by torch's allocator while `fn` runs (torch profiler memory events)."""
+    from torch.profiler import profile
+
+    with profile(profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    held = top = 0
+    for e in events:
+        held += e.nbytes()
+        top = max(top, held)
+    return top
+
+
+def attention_layer(model, length):
+    """Forward + backward of the first attention module alone, on random hidden states."""
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(1, length, model.config.hidden_size, requires_grad=True)
+    pos = torch.arange(length)[None]
+    pe = model.model.rotary_emb(x, pos)
+    return lambda: attn(x, position_embeddings=pe, attention_mask=None, position_ids=pos)[0].sum().backward()
+
+
 def peak(variant, args):
     cmd = [sys.executable, __file__, "--child", variant, "--length", str(args.length), "--ratio", str(args.ratio)]
     out = subprocess.run(cmd + (["--packed"] if args.packed else []), check=True, capture_output=True, text=True)
@@ -117,14 +142,28 @@ def main():
     print(f"training step (forward + backward), {what}")
     print(f"  full attention {t['full']:.2f} s   s2-attn {t['s2']:.2f} s   "
           f"s2/full time {t['s2'] / t['full']:.2f}x  ({t['full'] / t['s2']:.2f}x faster)")
+    layer = attention_layer(model, args.length)
+
+    def s2_layer():
+        with llama_ctx.patched(model, "s2-attn", group_size_ratio=args.ratio):
+            layer()
+
+    t = best_times({"full": layer, "s2": s2_layer}, repeats=3, warmup=1)
+    print(f"  one attention layer alone (one document): s2/full time {t['s2'] / t['full']:.2f}x  "
+          f"({t['full'] / t['s2']:.2f}x faster)")
     if not args.no_memory:
+        full = allocator_peak(lambda: step(model, inputs))
+        with llama_ctx.patched(model, "s2-attn", group_size_ratio=args.ratio):
+            s2_peak = allocator_peak(lambda: step(model, inputs))
+        print(f"  torch allocator peak: full {full / 2**20:.0f} MiB   s2-attn {s2_peak / 2**20:.0f} MiB   "
+              f"s2/full {s2_peak / full:.2f}x")
         full = saved_bytes(model, inputs)
         with llama_ctx.patched(model, "s2-attn", group_size_ratio=args.ratio):
             s2_saved = saved_bytes(model, inputs)
         print(f"  saved for backward: full {full / 2**20:.0f} MiB   s2-attn {s2_saved / 2**20:.0f} MiB   "
               f"s2/full {s2_saved / full:.2f}x")
         full, s2_peak = peak("full", args), peak("s2", args)
-        print(f"  peak RSS growth: full {full / 2**20:.0f} MiB   s2-attn {s2_peak / 2**20:.0f} MiB   "
+        print(f"  peak RSS growth (fresh processes): full {full / 2**20:.0f} MiB   s2-attn {s2_peak / 2**20:.0f} MiB   "
               f"s2/full {s2_peak / full:.2f}x")
 
 

@@ -175,5 +175,11 @@ def test_bad_input(kwargs, match):
     hidden, weight, labels = case()
     with pytest.raises(ConfigError, match=match):
         chunked_causal_lm_loss(hidden, weight, **{"labels": labels, **kwargs})
+
+
+def test_bad_call():
+    hidden, weight, labels = case()
+    with pytest.raises(ConfigError, match="labels come third"):
+        chunked_causal_lm_loss_sum(hidden, labels, weight)
     with pytest.raises(ConfigError, match="needs `labels`"):
         compute_loss(tiny_model(), dict(input_ids=ids(4)))

@@ -46,6 +46,9 @@ __all__ = ["chunked_causal_lm_loss", "chunked_causal_lm_loss_sum", "compute_loss
 
 def _head_fn(lm_head_weight):
     if isinstance(lm_head_weight, torch.Tensor):
+        if not lm_head_weight.is_floating_point():
+            raise ConfigError("lm_head_weight is an integer tensor: the arguments are (hidden_states, lm_head_weight, "
+                              "labels); labels come third")
         if lm_head_weight.ndim != 2:
             raise ConfigError(f"lm_head_weight must be a (vocab, hidden) matrix, got {tuple(lm_head_weight.shape)}")
         return lambda h: F.linear(h, lm_head_weight)
