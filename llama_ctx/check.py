@@ -24,13 +24,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from . import registry
 from .patch import patch, unpatch
-from .reference import positional, rope, selection, streaming
+from .reference import positional, rope, s2, selection, streaming
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=256, max_position_embeddings=64)
 TOL = 1e-5  # fp32 logits of a 2-layer model: correct methods are within 3e-7; the tiny random model's logits are
 # small, so real mistakes can be small too (a log scale off by one: 2.4e-5, an NTK base 0.5% off: 1.8e-5)
-LENGTH = 100  # past the 64-token trained window
+LENGTH = 96  # past the 64-token trained window; a multiple of 8 for s2-attn's groups
 
 
 @dataclass
@@ -95,6 +95,15 @@ def _streaming(model, p):
     return streaming.dense_reference(model, ids(LENGTH)[0], sinks=p.get("sink_tokens", 4), window=p["window"])[None]
 
 
+def _s2(model, p):
+    """S2-attn is a training-time method: its forward row is in train mode (dropout 0), groups of 96 * 0.25."""
+    with s2.dense_reference(model.train(), group=int(LENGTH * p["group_size_ratio"])):
+        out = logits(model, ids(LENGTH), use_cache=False)
+    model.eval()
+    return out
+
+
+TRAIN_MODE = {"s2-attn"}  # methods whose forward row is computed in train mode (eval mode is the stock model)
 _NATIVE = {name: (params, native) for name, params, native in rope.NATIVE if name != "linear"}
 CASES: dict[str, tuple[dict, Callable]] = {  # method -> (params for the tiny model, reference)
     **{name: (params, _native(native)) for name, (params, native) in _NATIVE.items()},
@@ -109,6 +118,7 @@ CASES: dict[str, tuple[dict, Callable]] = {  # method -> (params for the tiny mo
     "block-topk": (dict(block_size=4, k_blocks=2, sink_tokens=2, local_window=10),
                    lambda model, p: selection.reference_logits(model, ids(LENGTH), "block-topk", p)),
     "streaming": (dict(window=16), _streaming),
+    "s2-attn": (dict(group_size_ratio=0.25), _s2),
 }
 
 
@@ -142,8 +152,8 @@ def check_method(name: str) -> list[Row]:
     model = tiny_model()
     before = logits(model, ids(LENGTH))
     patch(model, name, **params)
-    got = logits(model, ids(LENGTH))
-    unpatch(model)
+    got = logits(model.train(name in TRAIN_MODE), ids(LENGTH), use_cache=False)
+    unpatch(model.eval())
     after = logits(model, ids(LENGTH))
     rows = [Row(name, "forward", _max_error(got, reference(model, dict(params))), True)]
     if m.kind == "attention" or m.dynamic:

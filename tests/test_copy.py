@@ -20,6 +20,7 @@ PARAMS = {
     "rerope": dict(window=8), "leaky-rerope": dict(window=8, factor=2), "self-extend": dict(group_size=2, window=8),
     "lambda": dict(global_tokens=4, local_window=16), "streaming": dict(window=16),
     "topk": dict(k=3, local_window=16), "block-topk": dict(block_size=4, k_blocks=2, local_window=10),
+    "s2-attn": dict(group_size_ratio=0.25),
 }
 ATTENTION = [m["name"] for m in llama_ctx.methods() if m["kind"] == "attention"]
 # every method alone, the rope method "yarn" applied before each attention method, and after two of them
@@ -34,7 +35,8 @@ def test_every_registered_method_is_covered():
 
 
 def patched_model(case):
-    model = tiny_model()
+    # s2-attn acts only in training (eval mode is the stock model): such cases run in train mode (dropout is 0)
+    model = tiny_model().train(any(name == "s2-attn" for name, _ in case))
     stock = logits(model, X)
     for name, params in case:
         llama_ctx.patch(model, name, **params)

@@ -75,6 +75,8 @@ class AttentionMethod:
     attn_implementations: tuple[str, ...] = ("eager", "sdpa")
     #: set by `register` through the registry: the method's name, for errors
     name: str = "attention method"
+    #: the callable `apply` puts on each attention module
+    forward_class: type = PatchedForward
 
     def validate(self, params, ctx) -> None:
         """Raise a `LlamaCtxError` if `params` cannot work on this model. Must not change anything."""
@@ -115,7 +117,7 @@ class AttentionMethod:
         """Patch the model; by default put a `PatchedForward` on each attention module."""
         extra = self.prepare(params, ctx)
         for attn in ctx.attention_modules:
-            patcher.set(attn, "forward", PatchedForward(self.name, self, params, attn, ctx.backbone, extra))
+            patcher.set(attn, "forward", self.forward_class(self.name, self, params, attn, ctx.backbone, extra))
 
     def prepare(self, params, ctx):
         """Anything the forwards share, computed once at patch time (stored as `PatchedForward.extra`).
