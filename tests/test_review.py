@@ -14,7 +14,7 @@ from conftest import ids, tiny_model
 from test_compat import ATTENTION
 
 
-@pytest.mark.parametrize("name", list(ATTENTION))
+@pytest.mark.parametrize("name", [n for n in ATTENTION if n != "s2-attn"])
 def test_static_cache_is_refused(name):
     model = tiny_model()
     llama_ctx.patch(model, name, **ATTENTION[name])
@@ -25,6 +25,19 @@ def test_static_cache_is_refused(name):
         model(x[:, 20:21], use_cache=True, **compat.cache_kwargs(cache))
     assert isinstance(err.value, llama_ctx.LlamaCtxError), err.value
     assert "StaticCache" in str(err.value)
+
+
+def test_s2_attn_in_eval_mode_uses_a_static_cache_like_the_stock_model():
+    """s2-attn is the stock attention in eval mode, so a static cache is correct there, not refused."""
+    model = tiny_model()
+    x = ids(30)
+    kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=5, do_sample=False, output_logits=True,
+              return_dict_in_generate=True, cache_implementation="static")
+    want = model.generate(x, **kw)
+    llama_ctx.patch(model, "s2-attn", **ATTENTION["s2-attn"])
+    got = model.generate(x, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["rerope", "self-extend", "lambda"])
