@@ -1,4 +1,4 @@
-"""`llama-ctx` command line: methods, inspect, demo, eval, sweep.
+"""`llama-ctx` command line: methods, inspect, demo, eval, sweep, data.
 
 Each subcommand lives with the code it drives and exposes `add_parser(subparsers)`, which sets `func`.
 """
@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "demo": "llama_ctx.demo",
     "eval": "llama_ctx.eval.cli",
     "sweep": "llama_ctx.eval.cli",
+    "data": "llama_ctx.data.cli",
 }
 
 
