@@ -1,0 +1,137 @@
+"""Built-in local resources for runs that must work offline: a tiny random LLaMA and Python's own documentation.
+
+`model.path: tiny-random` and `data.sources[].path: builtin:python-docs` (or `eval.text: builtin:...`) name them
+in a YAML. They are written once into a cache folder (`$LLAMA_CTX_CACHE`, default `~/.cache/llama_ctx`) and from
+then on are ordinary local files, so every tool (`merge --base`, `AutoModelForCausalLM.from_pretrained`, the data
+loader) reads them like any other model folder or jsonl file. Writes go to a temporary folder that is renamed into
+place, so an interrupted write never leaves a half-built resource behind.
+
+The tiny model is byte-level: its tokenizer (built in code with `tokenizers`, no download) maps each UTF-8 byte to
+one token, plus `<|endoftext|>` (id 256) as BOS/EOS/padding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sysconfig
+import tempfile
+from pathlib import Path
+
+from ..errors import ConfigError
+
+TINY_RANDOM = "tiny-random"
+BUILTIN_PREFIX = "builtin:"
+EOT = "<|endoftext|>"
+
+# hidden 64, 2 layers, GQA, 64-token trained window: trains at a few hundred tokens on 2 CPU cores in seconds
+TINY_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=264, max_position_embeddings=64, tie_word_embeddings=False,
+                   bos_token_id=256, eos_token_id=256, pad_token_id=256,
+                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+TINY_SEED = 0
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLAMA_CTX_CACHE") or Path.home() / ".cache" / "llama_ctx")
+
+
+def _materialize(name: str, write) -> Path:
+    """`cache_dir()/name`, created by `write(tmp_dir)` into a temporary folder and renamed into place."""
+    final = cache_dir() / name
+    if final.exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+    try:
+        write(tmp)
+        try:
+            tmp.rename(final)
+        except OSError:  # another process finished first: keep its copy
+            if not final.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def byte_tokenizer():
+    """A `PreTrainedTokenizerFast` with one token per byte (ids 0-255 in GPT-2 byte order) and `<|endoftext|>`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab[EOT] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([EOT])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, pad_token=EOT,
+                                   model_max_length=10**9)
+
+
+def tiny_random_model():
+    """The tiny random `LlamaForCausalLM` (seeded, so every call builds the same weights)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        return LlamaForCausalLM(LlamaConfig(**TINY_CONFIG))
+
+
+def tiny_random() -> Path:
+    """Folder of the tiny random LLaMA and its byte tokenizer (written on first use)."""
+    def write(tmp: Path):
+        tiny_random_model().save_pretrained(tmp)
+        byte_tokenizer().save_pretrained(tmp)
+
+    return _materialize(TINY_RANDOM, write)
+
+
+def _python_docs():
+    from pydoc_data.topics import topics
+
+    return [{"text": topics[k], "topic": k} for k in sorted(topics)]
+
+
+def _python_docstrings():
+    from ..eval.text import _stdlib_docstrings
+
+    return [{"text": d} for d in _stdlib_docstrings()]
+
+
+# name -> documents (one dict per jsonl row, text under "text")
+BUILTIN_TEXT = {
+    "python-docs": _python_docs,  # the 79 reference-manual topics of pydoc (465K characters)
+    "python-docstrings": _python_docstrings,  # stdlib docstrings longer than 200 characters
+}
+
+
+def builtin_text(name: str) -> Path:
+    """jsonl file holding the built-in corpus `name` (one document per line, field "text")."""
+    if name not in BUILTIN_TEXT:
+        raise ConfigError(f"unknown built-in text {BUILTIN_PREFIX}{name}; choose one of "
+                          f"{', '.join(BUILTIN_PREFIX + n for n in BUILTIN_TEXT)}")
+
+    def write(tmp: Path):
+        rows = BUILTIN_TEXT[name]()
+        (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+    return _materialize(f"text-{name}", write) / f"{name}.jsonl"
+
+
+def resolve_model_path(path: str) -> str:
+    """`tiny-random` -> its folder; anything else unchanged."""
+    return str(tiny_random()) if path == TINY_RANDOM else path
+
+
+def resolve_text_path(path: str) -> str:
+    """`builtin:NAME` -> the jsonl file of that corpus; anything else unchanged."""
+    return str(builtin_text(path[len(BUILTIN_PREFIX):])) if path.startswith(BUILTIN_PREFIX) else path
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
