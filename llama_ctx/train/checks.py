@@ -7,13 +7,14 @@ partial output. Each failure is one `ConfigError` naming the key, e.g. `context.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, LlamaCtxError
-from .builtin import BUILTIN_PREFIX, TINY_RANDOM, resolve_model_path, resolve_text_path
+from .builtin import BUILTIN_PREFIX, SMOLLM2, TINY_RANDOM, resolve_model_path, resolve_text_path
 from .config import TrainConfig
 
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, nothing that looks like a local path
@@ -25,6 +26,7 @@ class Checked:
 
     config: TrainConfig
     model_path: str  # resolved model.path
+    gguf_file: str | None  # resolved model.gguf_file
     model_config: object  # the transformers config read from config.json / GGUF metadata
     trained_window: int
     device: str  # "cuda" or "cpu"
@@ -43,7 +45,7 @@ def model_config(path: str, gguf_file: str | None, key: str = "model.path"):
         p, gguf_file = p.parent, p.name
     if not p.exists() and not is_hub_name(path):
         raise ConfigError(f"{key}: {path!r} does not exist; give a local model folder, a .gguf file, a hub name "
-                          f"(org/name) or {TINY_RANDOM!r}")
+                          f"(org/name), {TINY_RANDOM!r} or {SMOLLM2!r}")
     if gguf_file:
         if p.exists() and not (p / gguf_file).is_file():
             raise ConfigError(f"model.gguf_file: no file {gguf_file!r} in {path!r}")
@@ -70,8 +72,8 @@ def check(config: TrainConfig, device: str | None = None) -> Checked:
 
     device = device or ("cuda" if torch.cuda.is_available() and not config.training.get("use_cpu") else "cpu")
     m, ctx, tr = config.model, config.context, config.training
-    path = resolve_model_path(m.path)
-    cfg = model_config(path, m.gguf_file)
+    path, gguf_file = resolve_model_path(m.path, m.gguf_file)
+    cfg = model_config(path, gguf_file)
     if getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(f"model.path: model_type {getattr(cfg, 'model_type', None)!r} is not supported; "
                           f"llama_ctx trains {', '.join(SUPPORTED_MODEL_TYPES)} models")
@@ -118,13 +120,17 @@ def check(config: TrainConfig, device: str | None = None) -> Checked:
                               f"{factor * base_window:g} positions do not cover seq_len {ctx.seq_len}; use "
                               f"factor >= {need:g}")
 
-    # S2-attn groups
+    # S2-attn groups: G = seq_len / n for ratio 1/n; G must be even (the shift is G / 2)
     if config.s2_attn.enabled:
-        group = int(ctx.seq_len * config.s2_attn.group_size_ratio)
-        if group < 2 or ctx.seq_len % group or group % 2:
+        ratio = config.s2_attn.group_size_ratio
+        n = round(1 / ratio)
+        if not math.isclose(n * ratio, 1.0, rel_tol=1e-9):
+            raise ConfigError(f"s2_attn.group_size_ratio: must be 1/n for a whole number n (1, 0.5, 0.25, 0.125, "
+                              f"...) so that groups tile the sequence; got {ratio}")
+        if ctx.seq_len % (2 * n):
             raise ConfigError(f"context.seq_len: {ctx.seq_len} must be a multiple of the S2-attn group size "
-                              f"int(seq_len x s2_attn.group_size_ratio) = {group}, which must be even (half a "
-                              "group is the shift); e.g. seq_len a multiple of 4 / group_size_ratio")
+                              f"seq_len x {ratio:g}, which must be a whole even number (the shift is half a group): "
+                              f"seq_len must be a multiple of {2 * n}")
         if m.attn_implementation not in ("sdpa", "eager"):
             raise ConfigError(f"s2_attn.enabled: S2-attn runs with attn_implementation sdpa or eager, not "
                               f"{m.attn_implementation!r}")
@@ -167,4 +173,4 @@ def check(config: TrainConfig, device: str | None = None) -> Checked:
                           "token budget); the data stream has no length")
     config.training_arguments()  # transformers' own cross-field checks
     resolved = config.model_copy(update={"data": data, "eval": ev})
-    return Checked(resolved, path, cfg, window, device)
+    return Checked(resolved, path, gguf_file, cfg, window, device)

@@ -27,6 +27,10 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3
 # TrainingArguments whose old name we accept (LongLoRA recipes and most tutorials use it) and translate
 ALIASES = {"gradient_checkpointing": "activation_checkpointing",
            "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
+# names users bring from PEFT / LongLoRA, suggested when they appear as unknown keys
+SYNONYMS = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+            "modules_to_save": "trainable", "trainable_params": "trainable", "model_max_length": "seq_len",
+            "max_seq_len": "seq_len", "scaling_factor": "params", "rope_scaling": "method"}
 # our defaults where transformers' would be wrong or noisy for this entry point
 TRAINING_DEFAULTS = dict(logging_steps=10, report_to="none", remove_unused_columns=False)
 
@@ -259,7 +263,8 @@ def error_lines(e: ValidationError, prefix: tuple = ()) -> list[str]:
         if err["type"] == "extra_forbidden":
             cls = _section_at(loc)
             known = list(getattr(cls, "model_fields", {}))
-            close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
+            close = [SYNONYMS[loc[-1]]] if SYNONYMS.get(loc[-1]) in known else \
+                difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
             msg = f"unknown key; did you mean {close[0]!r}?" if close else \
                 f"unknown key; known keys: {', '.join(known)}"
         elif err["type"] == "missing":

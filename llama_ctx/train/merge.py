@@ -48,7 +48,7 @@ def merge(base, adapter, out, force: bool = False, dtype: str | None = None, ggu
     if out.exists() and not force:
         raise ConfigError(f"--out: {str(out)!r} already exists; pass --force to replace it")
     entry = adapter_context(adapter)
-    base_path = resolve_model_path(str(base))
+    base_path, gguf_file = resolve_model_path(str(base), gguf_file)
     model, tokenizer = load_base(base_path, gguf_file, dtype or _base_dtype(base_path, gguf_file))
     model.eval()
     if "rope" in entry:

@@ -82,7 +82,7 @@ def run(config, overrides=(), callbacks=()) -> RunResult:
     seq_len = cfg.context.seq_len
 
     set_seed(int(cfg.training.get("seed", 42)))  # LoRA initialisation
-    model, tokenizer = load_base(checked.model_path, cfg.model.gguf_file, cfg.model.dtype, cfg.model.attn_implementation)
+    model, tokenizer = load_base(checked.model_path, checked.gguf_file, cfg.model.dtype, cfg.model.attn_implementation)
     peft_model = prepare(model, cfg)
     dataset = build(cfg.data, tokenizer, seq_len)
     first = next(iter(dataset), None)
@@ -94,6 +94,10 @@ def run(config, overrides=(), callbacks=()) -> RunResult:
     if args.max_steps <= 0:
         args = cfg.training_arguments(max_steps=steps_for_tokens(cfg.data.tokens, seq_len, global_batch))
     out = Path(args.output_dir)
+    if resume_from and checkpoint_step(resume_from) >= args.max_steps:
+        raise ConfigError(f"training.resume_from_checkpoint: the run in {str(out)!r} is complete ({resume_from} is at "
+                          f"step {checkpoint_step(resume_from)} of max_steps {args.max_steps}); its adapter is in "
+                          "that folder. Nothing was changed")
     callbacks = [LogCallback(out, global_batch * seq_len, checkpoint_step(resume_from) if resume_from else None),
                  _CheckpointMetadata(config, peft_model), *callbacks]
     ev = cfg.eval
