@@ -111,8 +111,9 @@ BUILTIN_TEXT = {
 }
 
 
-def builtin_text(name: str) -> Path:
-    """jsonl file holding the built-in corpus `name` (one document per line, field "text")."""
+def builtin_text(name: str, plain: bool = False) -> Path:
+    """jsonl file holding the built-in corpus `name` (one document per line, field "text"), or with `plain` a .txt
+    file of the documents separated by blank lines (what evaluation reads: no table loader needed)."""
     if name not in BUILTIN_TEXT:
         raise ConfigError(f"unknown built-in text {BUILTIN_PREFIX}{name}; choose one of "
                           f"{', '.join(BUILTIN_PREFIX + n for n in BUILTIN_TEXT)}")
@@ -120,8 +121,9 @@ def builtin_text(name: str) -> Path:
     def write(tmp: Path):
         rows = BUILTIN_TEXT[name]()
         (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        (tmp / f"{name}.txt").write_text("\n\n".join(r["text"] for r in rows), encoding="utf-8")
 
-    return _materialize(f"text-{name}", write) / f"{name}.jsonl"
+    return _materialize(f"text-{name}", write) / f"{name}.{'txt' if plain else 'jsonl'}"
 
 
 def resolve_model_path(path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
@@ -136,9 +138,9 @@ def resolve_model_path(path: str, gguf_file: str | None = None) -> tuple[str, st
     return path, gguf_file
 
 
-def resolve_text_path(path: str) -> str:
-    """`builtin:NAME` -> the jsonl file of that corpus; anything else unchanged."""
-    return str(builtin_text(path[len(BUILTIN_PREFIX):])) if path.startswith(BUILTIN_PREFIX) else path
+def resolve_text_path(path: str, plain: bool = False) -> str:
+    """`builtin:NAME` -> the jsonl (or with `plain`, .txt) file of that corpus; anything else unchanged."""
+    return str(builtin_text(path[len(BUILTIN_PREFIX):], plain)) if path.startswith(BUILTIN_PREFIX) else path
 
 
 def stdlib_dir() -> Path:

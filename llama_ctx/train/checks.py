@@ -162,7 +162,7 @@ def check(config: TrainConfig, device: str | None = None) -> Checked:
     ev = config.eval.model_copy()
     if ev.text is not None:
         try:
-            ev.text = resolve_text_path(ev.text)
+            ev.text = resolve_text_path(ev.text, plain=True)
         except ConfigError as e:
             raise ConfigError(f"eval.text: {e}") from None
         if not Path(ev.text).exists() and not is_hub_name(ev.text):

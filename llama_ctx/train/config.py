@@ -101,6 +101,8 @@ def training_section() -> type[BaseModel]:
         typ = hints[f.name]
         if f.name == "parallelism_config":
             typ = dict[str, Any] | None  # YAML gives a mapping; ParallelismConfig(**it) when building arguments
+        elif f.name == "fsdp":
+            typ = bool | str | list[str] | None  # annotated str, but `fsdp: true` is the documented 5.x form
         elif f.name == "resume_from_checkpoint":
             typ = bool | str | None  # a path, "auto" (newest checkpoint if any) or true (newest, must exist)
         fields[f.name] = (typ, TRAINING_DEFAULTS.get(f.name, default))

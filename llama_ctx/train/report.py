@@ -19,8 +19,12 @@ def eval_tokens(tokenizer, ev) -> list[int]:
 
     need = max(ev.lengths) if ev.lengths else 0
     text = load_text(ev.text, ev.text_field) if ev.text else builtin_long_text(max(200_000, 6 * need))
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    return ids[:ev.tokens] if ev.tokens else ids
+    if ev.tokens:  # tokenize only what is needed (no tokenizer packs more than 16 characters per token here)
+        ids = tokenizer(text[:16 * ev.tokens], add_special_tokens=False).input_ids
+        if len(ids) < ev.tokens:
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+        return ids[:ev.tokens]
+    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 def evaluate(model, ids, ev, out_dir, step: int, write: bool = True):

@@ -8,6 +8,7 @@ nothing behind (and never touches an earlier run's checkpoints).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from .resume import checkpoint_step, resolve, write_run_file
 from .trainer import EvalCallback, LogCallback, LongContextTrainer, read_log
 
 COLUMNS = ("input_ids", "labels", "position_ids")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -104,16 +106,20 @@ def run(config, overrides=(), callbacks=()) -> RunResult:
     eval_ids = report.eval_tokens(tokenizer, ev) if ev.lengths else None
     if eval_ids is not None and len(eval_ids) < max(ev.lengths):
         raise ConfigError(f"eval.text: {len(eval_ids)} tokens, fewer than the longest eval length {max(ev.lengths)}")
-    sharded = args.fsdp or args.deepspeed
     trainer = None
 
     def run_eval(step):
         return report.evaluate(trainer.model, eval_ids, ev, out, step, write=trainer.is_world_process_zero())
 
-    if ev.lengths and ev.eval_steps and not sharded:
-        callbacks.append(EvalCallback(ev.eval_steps, run_eval))
     trainer = LongContextTrainer(model=peft_model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                  data_collator=collate, callbacks=callbacks)
+    # llama_ctx.eval runs the decoder stack directly, which sharded parameters do not allow: evaluate the merge
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    if (args.fsdp or args.deepspeed) and not sharded:
+        logger.warning("FSDP / DeepSpeed requested but not enabled by accelerate (it enables them on GPUs only): "
+                       "running as plain data parallelism")
+    if ev.lengths and ev.eval_steps and not sharded:
+        trainer.add_callback(EvalCallback(ev.eval_steps, run_eval))
     if trainer.is_world_process_zero():
         write_run_file(config, out)
 
@@ -124,7 +130,7 @@ def run(config, overrides=(), callbacks=()) -> RunResult:
     final_eval = None
     if trainer.is_world_process_zero():
         write_adapter_metadata(trainer.accelerator.unwrap_model(trainer.model), out, config)
-    if ev.lengths and not sharded:  # sharded models cannot run llama_ctx.eval on one rank: evaluate the merge
+    if ev.lengths and not sharded:
         result = run_eval(trainer.state.global_step)
         final_eval = {n: result.ppl[n] for n in result.ppl}
     log = read_log(out)
@@ -136,5 +142,9 @@ def run(config, overrides=(), callbacks=()) -> RunResult:
         report.write_summary(out, dict(steps=trainer.state.global_step, steps_this_run=steps_run,
                                        seconds_this_run=seconds, tokens_per_s=tokens_per_s,
                                        train_loss=output.training_loss, eval_ppl=final_eval,
-                                       resumed_from=resume_from, global_batch=global_batch, seq_len=seq_len))
+                                       resumed_from=resume_from, global_batch=global_batch, seq_len=seq_len,
+                                       world_size=args.world_size,
+                                       distributed_type=str(trainer.accelerator.distributed_type),
+                                       fsdp_version=getattr(getattr(trainer.accelerator.state, "fsdp_plugin", None),
+                                                            "fsdp_version", None)))
     return RunResult(out, trainer.state.global_step, seconds, tokens_per_s, log, final_eval, resume_from)
