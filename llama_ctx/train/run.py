@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from ..data import build, steps_for_budget
 from ..errors import ConfigError
 from . import report
 from .checks import check
 from .config import TrainConfig, apply_overrides, load_config, validate
-from .deps import build, steps_for_tokens
 from .model import load_base, prepare, write_adapter_metadata
 from .resume import checkpoint_step, resolve, write_run_file
 from .trainer import EvalCallback, LogCallback, LongContextTrainer, read_log
@@ -94,7 +94,7 @@ def run(config, overrides=(), callbacks=()) -> RunResult:
     args = cfg.training_arguments()
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     if args.max_steps <= 0:
-        args = cfg.training_arguments(max_steps=steps_for_tokens(cfg.data.tokens, seq_len, global_batch))
+        args = cfg.training_arguments(max_steps=steps_for_budget(cfg.data.tokens, seq_len, global_batch))
     out = Path(args.output_dir)
     if resume_from and checkpoint_step(resume_from) >= args.max_steps:
         raise ConfigError(f"training.resume_from_checkpoint: the run in {str(out)!r} is complete ({resume_from} is at "

@@ -1,10 +1,10 @@
 """The transformers `Trainer` with a loss that never builds the full logits, and the run's log callbacks.
 
 At 100K tokens and a 32K vocabulary the logits alone are 100K x 32K floats (12.8 GB in fp32) per sequence, more than
-the rest of a LoRA step. `compute_loss` therefore asks the model for no logits at all (`logits_to_keep` = an empty
-index tensor), takes the final hidden states from a forward hook on the decoder stack and applies the output layer in
-checkpointed chunks (`chunked_causal_lm_loss`). The forward still goes through the top-level (DDP / FSDP / DeepSpeed)
-wrapper, and the output layer is called as a module, so the wrappers' gathering and gradient hooks run as usual.
+the rest of a LoRA step. `compute_loss` therefore uses `llama_ctx.train.loss.compute_loss`: the forward goes through
+the top-level (DDP / FSDP / DeepSpeed) wrapper asking for one position's logits, the final hidden states come from a
+forward hook on the decoder stack, and the output layer is called as a module, chunk by chunk, checkpointed, so the
+wrappers' gathering and gradient hooks run as usual.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from ..patch import backbone_of
-from .deps import chunked_causal_lm_loss
+from .loss import compute_loss as chunked_compute_loss
 
 LOG_FILE = "log.jsonl"
 
@@ -29,31 +28,17 @@ class LongContextTrainer(Trainer):
     def __init__(self, *args, loss_chunk: int = 4096, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_chunk = loss_chunk
-        self._backbone = backbone_of(self.model)
-        self._head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs.pop("labels")
-        captured = {}
-        hook = self._backbone.register_forward_hook(
-            lambda module, args, output: captured.__setitem__("hidden", output.last_hidden_state))
-        try:
-            nothing = torch.empty(0, dtype=torch.long, device=labels.device)
-            outputs = model(**inputs, logits_to_keep=nothing, use_cache=False)
-        finally:
-            hook.remove()
-        loss_sum, count = chunked_causal_lm_loss(captured.pop("hidden"), labels, self._head, self.loss_chunk)
-        if num_items_in_batch is not None:
-            # tokens of every micro-batch of this optimizer step (on every rank when averaged across devices): the
-            # gradient is the mean over all of them, whatever the accumulation and the number of processes
-            self.loss_is_scaled_for_ga = True
-            loss = loss_sum / num_items_in_batch
-            if self.args.average_tokens_across_devices and self.args.world_size > 1:
-                loss = loss * self.args.world_size  # DDP and sharded backends average gradients over ranks
-        else:
-            self.loss_is_scaled_for_ga = False
-            loss = loss_sum / count.clamp(min=1)
-        return (loss, outputs) if return_outputs else loss
+        out = chunked_compute_loss(model, inputs, return_outputs, num_items_in_batch, chunk_size=self.loss_chunk)
+        loss = out[0] if return_outputs else out
+        # with num_items_in_batch (tokens of every micro-batch of this optimizer step, on every rank when averaged
+        # across devices) the loss is already the step's mean, whatever the accumulation; otherwise the Trainer
+        # divides by the accumulation steps
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
+            loss = loss * self.args.world_size  # DDP and sharded backends average gradients over ranks
+        return (loss, out[1]) if return_outputs else loss
 
 
 class LogCallback(TrainerCallback):
