@@ -12,6 +12,7 @@ one token, plus `<|endoftext|>` (id 256) as BOS/EOS/padding.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,9 +27,11 @@ SMOLLM2 = "smollm2"
 BUILTIN_PREFIX = "builtin:"
 EOT = "<|endoftext|>"
 
-# hidden 64, 2 layers, GQA, 64-token trained window: trains at a few hundred tokens on 2 CPU cores in seconds
+# hidden 64, 2 layers, GQA, 64-token trained window: trains at a few hundred tokens on 2 CPU cores in seconds.
+# Tied embeddings (as SmolLM2): training `embed_tokens` also trains the output layer, so the loss of this random
+# model falls within a few dozen steps.
 TINY_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, vocab_size=264, max_position_embeddings=64, tie_word_embeddings=False,
+                   num_key_value_heads=2, vocab_size=264, max_position_embeddings=64, tie_word_embeddings=True,
                    bos_token_id=256, eos_token_id=256, pad_token_id=256,
                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 TINY_SEED = 0
@@ -89,7 +92,8 @@ def tiny_random() -> Path:
         tiny_random_model().save_pretrained(tmp)
         byte_tokenizer().save_pretrained(tmp)
 
-    return _materialize(TINY_RANDOM, write)
+    digest = hashlib.sha256(json.dumps(TINY_CONFIG, sort_keys=True).encode()).hexdigest()[:8]
+    return _materialize(f"{TINY_RANDOM}-{digest}", write)  # a changed recipe never reuses an old cache
 
 
 def _python_docs():
