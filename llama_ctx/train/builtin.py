@@ -7,7 +7,7 @@ loader) reads them like any other model folder or jsonl file. Writes go to a tem
 place, so an interrupted write never leaves a half-built resource behind.
 
 The tiny model is byte-level: its tokenizer (built in code with `tokenizers`, no download) maps each UTF-8 byte to
-one token, plus `<|endoftext|>` (id 256) as BOS/EOS/padding.
+the token of the same id, plus `<|endoftext|>` (id 256) as BOS/EOS/padding.
 """
 
 from __future__ import annotations
@@ -60,14 +60,23 @@ def _materialize(name: str, write) -> Path:
     return final
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte (what the ByteLevel pre-tokenizer emits)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b if b in keep else next(extra)) for b in range(256)}
+
+
 def byte_tokenizer():
-    """A `PreTrainedTokenizerFast` with one token per byte (ids 0-255 in GPT-2 byte order) and `<|endoftext|>`."""
+    """A `PreTrainedTokenizerFast` with one token per byte, id = the byte's value (0-255), and `<|endoftext|>` = 256.
+
+    Ids equal raw byte values, so models trained on `torch.frombuffer(bytes)` (benchmarks/extrapolation.py) share it.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    vocab[EOT] = len(vocab)
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    vocab[EOT] = 256
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
@@ -92,7 +101,8 @@ def tiny_random() -> Path:
         tiny_random_model().save_pretrained(tmp)
         byte_tokenizer().save_pretrained(tmp)
 
-    digest = hashlib.sha256(json.dumps(TINY_CONFIG, sort_keys=True).encode()).hexdigest()[:8]
+    recipe = {**TINY_CONFIG, "seed": TINY_SEED, "tokenizer": "byte-ids"}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
     return _materialize(f"{TINY_RANDOM}-{digest}", write)  # a changed recipe never reuses an old cache
 
 
