@@ -150,3 +150,17 @@ def test_yaml_file_errors(tmp_path):
     (tmp_path / "list.yaml").write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.dtype=float16"], "model.dtype: float16 needs a CUDA GPU"),
+    (["lora.target_modules=[qq_proj]"], "lora: "),  # found only when PEFT wraps the loaded model
+    (["context.params.factor=1"], "context.params.factor"),
+])
+def test_a_failed_run_leaves_no_output(tmp_path, train_cache, overrides, message):
+    from llama_ctx.train import run
+
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        run(tiny_run(out), overrides)
+    assert not out.exists()
