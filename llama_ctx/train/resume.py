@@ -66,7 +66,8 @@ def checkpoints(output_dir) -> list[Path]:
     out = Path(output_dir)
     if not out.is_dir():
         return []
-    found = [p for p in out.iterdir() if p.is_dir() and CHECKPOINT.match(p.name) and (p / "trainer_state.json").is_file()]
+    found = [p for p in out.iterdir()
+             if p.is_dir() and CHECKPOINT.match(p.name) and (p / "trainer_state.json").is_file()]
     return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)))
 
 
@@ -85,7 +86,8 @@ def _compare(config: TrainConfig, stored: dict, where: str) -> None:
     diff = sorted(set(mine) | set(theirs), key=str)
     diff = [k for k in diff if mine.get(k, "<unset>") != theirs.get(k, "<unset>")]
     if diff:
-        lines = "; ".join(f"{k}: {theirs.get(k, '<unset>')!r} there, {mine.get(k, '<unset>')!r} here" for k in diff[:8])
+        lines = "; ".join(f"{k}: {theirs.get(k, '<unset>')!r} there, {mine.get(k, '<unset>')!r} here"
+                          for k in diff[:8])
         more = f" (and {len(diff) - 8} more)" if len(diff) > 8 else ""
         raise ConfigError(f"training.resume_from_checkpoint: {where} was written by a different config: {lines}{more}. "
                           "Resume with the config that wrote it, or set training.output_dir to a new folder")

@@ -14,7 +14,6 @@ import math
 import time
 from pathlib import Path
 
-import torch
 from transformers import Trainer, TrainerCallback
 
 from .loss import compute_loss as chunked_compute_loss
