@@ -253,7 +253,7 @@ def test_window_masks_built_once_per_forward_and_freed(monkeypatch):
         built.clear()
         got, want = s2_vs_reference(model, ids(L), 8, position_ids=pos)
         assert_close(got, want)
-        assert len(built) == 3  # groups, shifted groups, ends: once for both layers
+        assert len(built) == 4  # groups; head piece, shifted groups, tail piece: once for both layers
     shared = vars(model.model.layers[0].self_attn).get("forward")
     assert shared is None  # unpatched by s2_vs_reference; now check the dict empties once the step is over
     llama_ctx.patch(model, "s2-attn").train()

@@ -2,7 +2,7 @@
 Fine-tuning of Long-Context Large Language Models", dvlab-research/LongLoRA).
 
 Training only: while `attn.training` the L tokens are cut into groups of G tokens and each query attends causally
-inside its group only, so the attention work is ~L·G instead of ~L²/2. Half of the heads use the groups
+inside its group only, so the attention work is ~L·G/2 instead of ~L²/2. Half of the heads use the groups
 [kG, (k+1)G); the other half (the second half of the query heads, h >= H // 2, as in LongLoRA; with GQA each query
 head reads its own key/value head) use groups shifted by G/2, [kG + G/2, (k+1)G + G/2), so information flows
 between neighbouring groups from layer to layer. In `eval()` the forward is the stock attention, operation for
@@ -17,8 +17,11 @@ reproduces LongLoRA's rolled grouping exactly, leak included, for comparison onl
 
 Documents and masks. Packed documents (position_ids restarting at 0, no attention_mask) never see each other: a
 document starts wherever position_ids[t] != position_ids[t-1] + 1, and each group gets a (G x G) float mask. Any
-4D mask the model passes (padding, packing, sliding window) is honoured by reading its G x G diagonal blocks.
-With G >= L (group_size_ratio=1, or a group_size not below the length) S2-attn is plain causal attention.
+4D mask the model passes (padding, packing, sliding window) is honoured by reading it on each group's own
+(query, key) pairs; the masks are built once per forward and shared by all layers. `wrap=True` supports documents
+but refuses padding masks. With G >= L (group_size_ratio=1, or a group_size not below the length) S2-attn is plain
+causal attention. In training mode a KV cache is filled (transformers passes one when config.use_cache is set) but
+never continued: generate in eval mode.
 """
 
 from __future__ import annotations
@@ -188,20 +191,19 @@ def _s2(attn, p: S2Params, x, position_embeddings, attention_mask, cache, positi
         run.module, kv = _Expanded(attn), hs
     else:
         kv = hs // rep
-    parts = []
-    if hs > 0:  # unshifted heads: groups [kG, (k+1)G)
-        parts.append(run(q[:, :, :hs], k[:, :, :kv], v[:, :, :kv], ar.view(n, G), "groups"))
-    qs, ks, vs = q[:, :, hs:], k[:, :, kv:], v[:, :, kv:]
+    # NOTE: split / cat rather than slicing: their backward is one cat / views, where every slice's backward
+    # would fill a zero tensor of the whole input and add into it (measured: a third of the step at 8K)
+    (q1, qs), (k1, ks), (v1, vs) = (t.split([h, t.shape[2] - h], dim=2) for t, h in ((q, hs), (k, kv), (v, kv)))
+    parts = [run(q1, k1, v1, ar.view(n, G), "groups")] if hs > 0 else []  # unshifted heads: [kG, (k+1)G)
     if p.wrap:  # LongLoRA: roll by -G/2, group, roll the output back (leaks, see the module docstring)
         out = run(*(t.roll(-half, dims=1) for t in (qs, ks, vs)), ar.roll(-half).view(n, G), "rolled")
         parts.append(out.roll(half, dims=1))
     else:
-        # NOTE: the head piece [0, G/2) and tail piece [L - G/2, L) are two half-size groups of one call; the full
-        # shifted groups [G/2 + kG, G/2 + (k+1)G) are another.
-        mid = run(qs[:, half:L - half], ks[:, half:L - half], vs[:, half:L - half], ar[half:L - half].view(n - 1, G), "shifted")
-        ends = run(*(torch.cat([t[:, :half], t[:, L - half:]], dim=1) for t in (qs, ks, vs)),
-                   torch.stack([ar[:half], ar[L - half:]]), "ends")
-        parts.append(torch.cat([ends[:, :half], mid, ends[:, half:]], dim=1))
+        # the head piece [0, G/2), the full shifted groups [G/2 + kG, G/2 + (k+1)G), the tail piece [L - G/2, L)
+        pieces = zip(*(t.split([half, L - G, half], dim=1) for t in (qs, ks, vs)))
+        windows = ((ar[:half][None], "head"), (ar[half:L - half].view(n - 1, G), "shifted"),
+                   (ar[L - half:][None], "tail"))
+        parts.append(torch.cat([run(*qkv, idx, name) for qkv, (idx, name) in zip(pieces, windows)], dim=1))
     out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
     return attn.o_proj(out.reshape(B, L, -1))
 
@@ -291,4 +293,5 @@ def _check_plain_causal(mask, docs, L):
 
 
 register("s2-attn", "attention", S2Params, S2Attention(),
-         "S2-attn (LongLoRA): grouped attention with half the heads shifted by half a group, in training mode only")
+         "S2-attn (LongLoRA), training mode only: causal attention in groups of L * group_size_ratio (0.25 unless "
+         "group_size is given), half the heads shifted by half a group")

@@ -47,7 +47,7 @@ __all__ = ["chunked_causal_lm_loss", "chunked_causal_lm_loss_sum", "compute_loss
 def _head_fn(lm_head_weight):
     if isinstance(lm_head_weight, torch.Tensor):
         if lm_head_weight.ndim != 2:
-            raise ConfigError(f"lm_head_weight must be a (vocab, hidden) matrix, got shape {tuple(lm_head_weight.shape)}")
+            raise ConfigError(f"lm_head_weight must be a (vocab, hidden) matrix, got {tuple(lm_head_weight.shape)}")
         return lambda h: F.linear(h, lm_head_weight)
     if callable(lm_head_weight):
         return lm_head_weight
