@@ -113,3 +113,23 @@ def test_loss_is_normalised_by_the_tokens_of_the_whole_accumulated_batch(tmp_pat
                                       num_items_in_batch=torch.tensor(3 * n))
         assert trainer.loss_is_scaled_for_ga is True
     torch.testing.assert_close(scaled, mean / 3, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_shipped_gguf_model_loads_as_a_trainable_dense_model():
+    """transformers marks a dequantized GGUF model as quantized, which Trainer refuses and a merge would save."""
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    from llama_ctx.io import SMOLLM2_GGUF, smollm2_dir
+    from llama_ctx.train.config import validate
+    from llama_ctx.train.model import load_base, prepare
+
+    model, tokenizer = load_base(str(smollm2_dir()), SMOLLM2_GGUF)
+    assert getattr(model, "hf_quantizer", None) is None and not hasattr(model.config, "quantization_config")
+    cfg = validate({"model": {"path": "smollm2"}, "context": {"method": "pi", "params": {"factor": 2},
+                                                             "seq_len": 16384},
+                    "data": {"sources": [{"path": "x", "domain": "d", "weight": 1}]}, "training": {"output_dir": "x"}})
+    peft = prepare(model, cfg)
+    validate_quantization_for_training(peft)  # raises for a quantized model
+    emb = peft.base_model.model.model.embed_tokens.modules_to_save["default"].weight
+    assert peft.base_model.model.lm_head.modules_to_save["default"].weight is emb  # tied: trained together

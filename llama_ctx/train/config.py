@@ -129,6 +129,8 @@ class TrainConfig(Section):
         from transformers import TrainingArguments
 
         kw = {k: v for k, v in {**self.training, **overrides}.items() if k != "resume_from_checkpoint"}
+        if "use_cpu" not in kw and not _accelerator_available():
+            kw["use_cpu"] = True  # the only device there is: GPU recipes (bf16: true) then start on CPU as they are
         if kw.get("parallelism_config"):
             kw["parallelism_config"] = ParallelismConfig(**kw["parallelism_config"])
         if kw.get("activation_checkpointing") and not kw.get("activation_checkpointing_kwargs"):
@@ -141,6 +143,13 @@ class TrainConfig(Section):
     @property
     def output_dir(self) -> Path:
         return Path(self.training["output_dir"])
+
+
+def _accelerator_available() -> bool:
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------

@@ -50,7 +50,33 @@ def load_base(path: str, gguf_file: str | None = None, dtype: str = "float32", a
         raise ConfigError(f"model.path: cannot load {path!r}: {e}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if gguf_file:
+        _as_dense(model, path)
     return model, tokenizer
+
+
+def _as_dense(model, path) -> None:
+    """A GGUF file loaded into plain float weights is an ordinary model: drop the GGUF quantizer marks.
+
+    transformers keeps `hf_quantizer` (and `quantization_config` in the config) after dequantizing a GGUF file, so
+    `Trainer` refuses to train it and a merged model would be saved as if it were still GGUF-quantized.
+    """
+    import torch
+
+    if getattr(model, "hf_quantizer", None) is None:
+        return
+    if any(not p.dtype.is_floating_point for p in model.parameters()) or any(
+            type(m).__module__.startswith("transformers.integrations.gguf") for m in model.modules()):
+        raise ConfigError(f"model.path: {path!r} was loaded with its GGUF weights packed; training needs them "
+                          "dense (uninstall `kernels`, or convert the file to safetensors first)")
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model, "quantization_method"):
+        model.quantization_method = None
+    for cfg in {id(c): c for c in (model.config, getattr(model.config, "text_config", None)) if c}.values():
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+    assert all(p.dtype.is_floating_point for p in model.parameters()) and torch.is_tensor(next(model.parameters()))
 
 
 def lora_config(config: TrainConfig, model):
