@@ -58,17 +58,19 @@ def corpus() -> tuple[torch.Tensor, torch.Tensor]:
     return to_ids(files[:cut]).long(), to_ids(files[cut:]).long()
 
 
-def train(steps: int, batch: int, path: Path, seed: int = 0) -> LlamaForCausalLM:
+def train(steps: int, batch: int, path: Path, seed: int = 0, config: dict | None = None,
+          window: int = WINDOW) -> LlamaForCausalLM:
+    """Train a byte-level LLaMA from scratch on random `window`-byte slices of the training split; save it to `path`."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**CONFIG))
+    model = LlamaForCausalLM(LlamaConfig(**(config or CONFIG)))
     data, _ = corpus()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=max(0.05, 2 / steps))
     model.train()
     t0 = time.time()
     for step in range(steps):
-        starts = torch.randint(0, len(data) - WINDOW - 1, (batch,))
-        x = torch.stack([data[s:s + WINDOW] for s in starts])
+        starts = torch.randint(0, len(data) - window - 1, (batch,))
+        x = torch.stack([data[s:s + window] for s in starts])
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

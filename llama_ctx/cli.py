@@ -1,4 +1,4 @@
-"""`llama-ctx` command line: methods, inspect, check, demo, eval, sweep, data.
+"""`llama-ctx` command line: methods, inspect, check, demo, eval, sweep, data, merge, plan.
 
 Each subcommand lives with the code it drives and exposes `add_parser(subparsers)`, which sets `func`.
 """
@@ -20,6 +20,8 @@ SUBCOMMANDS = {
     "eval": "llama_ctx.eval.cli",
     "sweep": "llama_ctx.eval.cli",
     "data": "llama_ctx.data.cli",
+    "merge": "llama_ctx.train.cli",
+    "plan": "llama_ctx.train.cli",
 }
 
 
