@@ -12,7 +12,9 @@ Cache. The `DynamicCache` holds each key rotated once at its outer position, `s 
 rotary `attention_scaling`), and values as usual. The outer branch uses cached keys as they are; since
 R(a) R(b) = R(a + b), the inner branch gets R(j) k_j by rotating a cached key by j - P_k(j) (scaling 1). Only
 keys within `window` of a query of the current call take part in the inner branch, so a decode step re-rotates
-the last `window` keys, never the whole cache.
+the last `window` keys, never the whole cache. A `StaticCache` works too (its layers return their whole buffer:
+only the first past + L slots are read); other cache layers (sliding, quantized, streaming...) are refused before
+the cache changes, since their `update` does not return every key in order.
 
 Computation, per chunk of `CHUNK` queries with cache indices [qa, qb): keys [0, qa - w] are outer for every
 query (no mask needed), keys [qb - w, qb) inner (or causally hidden), and the band in between is outer for some
@@ -25,6 +27,9 @@ Positions are the per-row `position_ids` of the call (left padding: generate's c
 cached keys get the positions just before the first query of the call. The inner/outer split and the causal
 order use cache indices, so positions must grow by one per real token within a row (what a forward and
 `generate` produce); padding is hidden by the attention mask, which is always honoured.
+
+Gradients. Autograd does not differentiate the log-sum-exp of the private CPU flash op, and the merge weights
+depend on it, so that op is used only where no gradient is needed; training runs on plain matmuls.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from ..cache import append
 from ..errors import UnsupportedModelError
@@ -109,10 +116,28 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return rope_rotate(x, cos[:, None], sin[:, None])
 
 
+def check_cache(cache, layer_idx: int) -> None:
+    """Raise unless layer `layer_idx` of `cache` returns every key in order from `update` (a full dynamic or static
+    layer); called before the cache is touched."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise UnsupportedModelError(f"position-rewriting attention needs a transformers Cache, got {type(cache).__name__}.")
+    layer = layers[layer_idx] if layer_idx < len(layers) else getattr(cache, "layer_class_to_replicate", None)
+    kind = layer if isinstance(layer, type) else type(layer)
+    if kind not in (DynamicLayer, StaticLayer):
+        raise UnsupportedModelError(
+            f"position-rewriting attention needs every key of the sequence in its cache, in order, at full precision; "
+            f"got a {getattr(kind, '__name__', kind)} (sliding-window, quantized and other special caches are not "
+            "supported). Use the default DynamicCache or cache_implementation='static'.")
+
+
 def positional_attention(attn, scheme: Scheme, rotary, hidden_states, attention_mask, cache, position_ids):
     """The attention block of `attn` (projections included) under `scheme`; returns (B, L, hidden)."""
     B, L, _ = hidden_states.shape
-    past = cache.get_seq_length(attn.layer_idx) if cache is not None else 0
+    past = 0
+    if cache is not None:
+        check_cache(cache, attn.layer_idx)
+        past = int(cache.get_seq_length(attn.layer_idx))  # a tensor for a static layer
     if position_ids is None:
         position_ids = torch.arange(past, past + L, device=hidden_states.device).expand(B, L)
     if scheme.check is not None:
@@ -133,6 +158,7 @@ def positional_attention(attn, scheme: Scheme, rotary, hidden_states, attention_
     k = rotate(k, *cos_sin(inv_freq, scaling, scheme.outer_k(pos), k))
     if cache is not None:
         k, v = append(cache, attn.layer_idx, k, v)  # in place: no whole-cache copy per decoded token
+        k, v = k[:, :, :past + L], v[:, :, :past + L]  # a static layer returns its whole buffer
 
     T, w = k.shape[2], scheme.window
     first = T - L  # cache index of the first query
@@ -197,8 +223,12 @@ def _bias(allowed, base, dtype):
 
 def _attend(q, k, v, bias, scale):
     """Softmax attention of q (B, H, C, d) over k, v (B, Hkv, K, d): (output, float32 log-sum-exp (B, H, C))."""
-    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and _flash_cpu_ok():
-        return _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+    # NOTE: autograd does not differentiate the flash op's log-sum-exp, so the merge would drop the gradient
+    # through its weights: the flash op is only for calls that need no gradient.
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if (not needs_grad and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
+            and _flash_cpu_ok()):
+        return _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=scale)[:2]
     return _attend_dense(q, k, v, bias, scale)
 
 
@@ -211,7 +241,8 @@ def _flash_cpu_ok() -> bool:
     q, k, v = (torch.randn(1, h, 5, 8, generator=g) for h in (4, 2, 2))
     bias = torch.where(torch.rand(1, 1, 5, 5, generator=g) < 0.3, torch.finfo(torch.float32).min, 0.0)
     try:
-        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=0.3)[:2]
+        with torch.no_grad():
+            out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=0.3)[:2]
     except (RuntimeError, TypeError):
         return False
     ref_out, ref_lse = _attend_dense(q, k, v, bias, 0.3)

@@ -1,0 +1,110 @@
+"""The position-rewriting engine beyond forward values: gradients, cache types, the private flash op's use.
+
+Gradients of every parameter are compared with those of the dense reference of tests/test_attention_positional.py
+(explicit positions, full softmax, float64), which autograd differentiates directly.
+"""
+
+import pytest
+import torch
+from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, QuantizedCache
+
+import llama_ctx
+from llama_ctx import UnsupportedModelError
+from llama_ctx.attention import engine
+from llama_ctx.cache import StreamingCache
+from llama_ctx.compat import cache_kwargs
+from conftest import ids, logits, tiny_model
+from test_attention_positional import CASES, default_inv_freq, dense_reference, left_padded
+
+
+def parameter_grads(model, x, weights):
+    model.zero_grad()
+    (model(x).logits * weights).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def reference_grads(model, method, p, x, weights):
+    """Gradients of the same loss with every attention module computing the dense reference."""
+    with dense_reference(model, method, p, torch.ones_like(x).bool(), default_inv_freq()):
+        model.zero_grad()
+        (model(x, position_ids=torch.arange(x.shape[1])[None]).logits * weights).sum().backward()
+    return {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+
+
+def assert_grads_close(got, want):
+    assert got.keys() == want.keys()
+    assert any("q_proj" in n for n in want) and any("k_proj" in n for n in want)
+    for name in want:
+        scale = want[name].abs().max()
+        assert scale > 0, name  # the check can see a dropped gradient
+        torch.testing.assert_close(got[name] / scale, want[name] / scale, atol=2e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_gradients_match_the_dense_reference(method, monkeypatch):
+    # several query chunks and both branches; the flash op must not be used where its log-sum-exp has no gradient
+    monkeypatch.setattr(engine, "CHUNK", 48)
+    model = tiny_model()
+    x = ids(120)
+    weights = torch.randn(1, 120, 256, generator=torch.Generator().manual_seed(5))
+    llama_ctx.patch(model, method, **CASES[method])
+    got = parameter_grads(model, x, weights)
+    llama_ctx.unpatch(model)
+    assert_grads_close(got, reference_grads(model, method, CASES[method], x, weights))
+
+
+def test_inference_still_uses_the_flash_op(monkeypatch):
+    if not engine._flash_cpu_ok():
+        pytest.skip("the private CPU flash op is not usable on this torch")
+    calls = []
+    real = engine._FLASH_CPU
+    monkeypatch.setattr(engine, "_FLASH_CPU", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    model = tiny_model()
+    llama_ctx.patch(model, "rerope", window=16)
+    logits(model, ids(50))  # no_grad
+    assert calls
+    calls.clear()
+    model(ids(50)).logits.sum().backward()  # gradients: plain matmuls only
+    assert not calls
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_static_cache_generate_equals_dynamic_cache(method):
+    model = tiny_model()
+    llama_ctx.patch(model, method, **CASES[method])
+    prompt = ids(40)
+    kw = dict(max_new_tokens=30, min_new_tokens=30, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    dynamic = model.generate(prompt, **kw)
+    static = model.generate(prompt, cache_implementation="static", **kw)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), atol=1e-4, rtol=0)
+
+
+def test_static_cache_with_left_padding_equals_single_rows():
+    model = tiny_model()
+    llama_ctx.patch(model, "self-extend", **CASES["self-extend"])
+    rows = [ids(50, seed=2)[0], ids(23, seed=3)[0]]
+    x, mask = left_padded(rows)
+    kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    out = model.generate(x, attention_mask=mask, cache_implementation="static", **kw)
+    for b, r in enumerate(rows):
+        single = model.generate(r[None], **kw)
+        assert torch.equal(out.sequences[b, x.shape[1]:], single.sequences[0, len(r):])
+        torch.testing.assert_close(torch.stack(out.logits)[:, b], torch.stack(single.logits)[:, 0], atol=1e-4, rtol=0)
+
+
+CACHES = {
+    "sliding": lambda model: Cache(layers=[DynamicSlidingWindowLayer(sliding_window=8) for _ in range(2)]),
+    "quantized": lambda model: QuantizedCache(backend="fp8", config=model.config),
+    "streaming": lambda model: StreamingCache(sink_tokens=4, window=16),
+}
+
+
+@pytest.mark.parametrize("kind", list(CACHES))
+def test_other_cache_layers_are_refused_before_the_cache_changes(kind):
+    model = tiny_model()
+    llama_ctx.patch(model, "rerope", window=16)
+    cache = CACHES[kind](model)
+    with pytest.raises(UnsupportedModelError, match="needs every key of the sequence in its cache.*DynamicCache"):
+        model(ids(20), **cache_kwargs(cache), use_cache=True)
+    assert cache.get_seq_length() == 0
