@@ -6,7 +6,7 @@ Gradients of every parameter are compared with those of the dense reference of t
 
 import pytest
 import torch
-from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, QuantizedCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicSlidingWindowLayer, QuantizedCache, StaticCache
 
 import llama_ctx
 from llama_ctx import UnsupportedModelError
@@ -14,7 +14,9 @@ from llama_ctx.attention import engine
 from llama_ctx.cache import StreamingCache
 from llama_ctx.compat import cache_kwargs
 from conftest import ids, logits, tiny_model
-from test_attention_positional import CASES, default_inv_freq, dense_reference, left_padded
+from test_attention_positional import CASES, assert_matches_reference, default_inv_freq, dense_reference, left_padded
+
+ALL = dict(CASES)
 
 
 def parameter_grads(model, x, weights):
@@ -68,10 +70,10 @@ def test_inference_still_uses_the_flash_op(monkeypatch):
     assert not calls
 
 
-@pytest.mark.parametrize("method", list(CASES))
+@pytest.mark.parametrize("method", list(ALL))
 def test_static_cache_generate_equals_dynamic_cache(method):
     model = tiny_model()
-    llama_ctx.patch(model, method, **CASES[method])
+    llama_ctx.patch(model, method, **ALL[method])
     prompt = ids(40)
     kw = dict(max_new_tokens=30, min_new_tokens=30, do_sample=False, output_logits=True, return_dict_in_generate=True)
     dynamic = model.generate(prompt, **kw)
@@ -108,3 +110,51 @@ def test_other_cache_layers_are_refused_before_the_cache_changes(kind):
     with pytest.raises(UnsupportedModelError, match="needs every key of the sequence in its cache.*DynamicCache"):
         model(ids(20), **cache_kwargs(cache), use_cache=True)
     assert cache.get_seq_length() == 0
+
+
+@pytest.mark.parametrize("chunk,split", [(8, 4), (20, 1), (48, 10**9)])
+@pytest.mark.parametrize("method", list(CASES))
+def test_every_tiling_matches_the_dense_reference(method, chunk, split, monkeypatch):
+    # chunks smaller and larger than the windows; unmasked middles split off always / never: every piece kind
+    # (unmasked, masked, causal diagonal) with and without padding
+    monkeypatch.setattr(engine, "CHUNK", chunk)
+    monkeypatch.setattr(engine, "SPLIT", split)
+    model = tiny_model()
+    llama_ctx.patch(model, method, **CASES[method])
+    assert_matches_reference(model, method, CASES[method], ids(100))
+    x, mask = left_padded([ids(90, seed=2)[0], ids(61, seed=3)[0]])
+    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    llama_ctx.patch(model, method, **CASES[method])
+    assert_matches_reference(model, method, CASES[method], x, attention_mask=mask, position_ids=position_ids)
+
+
+@pytest.mark.parametrize("cache_type", ["dynamic", "static"])
+@pytest.mark.parametrize("method", list(ALL))
+def test_prefill_in_pieces_equals_one_forward(method, cache_type, monkeypatch):
+    monkeypatch.setattr(engine, "CHUNK", 32)
+    model = tiny_model()
+    llama_ctx.patch(model, method, **ALL[method])
+    x = ids(150)
+    full = logits(model, x)
+    cache = DynamicCache() if cache_type == "dynamic" else StaticCache(config=model.config, max_cache_len=160)
+    got = [logits(model, x[:, a:b], **cache_kwargs(cache), use_cache=True, position_ids=torch.arange(a, b)[None])
+           for a, b in [(0, 70), (70, 71), (71, 150)]]
+    torch.testing.assert_close(torch.cat(got, dim=1), full, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method,p,most", [("rerope", dict(window=16), 16), ("self-extend", CASES["self-extend"], 16)])
+def test_a_decode_step_rotates_only_the_keys_it_needs(method, p, most, monkeypatch):
+    # ReRoPE-like methods re-rotate the last `window` keys
+    model = tiny_model()
+    llama_ctx.patch(model, method, **p)
+    cache = DynamicCache()
+    prompt = logits(model, ids(100), **cache_kwargs(cache), use_cache=True)
+    sizes = []
+    real = engine.rotate
+    monkeypatch.setattr(engine, "rotate", lambda x, *a: sizes.append(x.shape[2]) or real(x, *a))
+    step = logits(model, prompt[:, -1:].argmax(-1), **cache_kwargs(cache), use_cache=True,
+                  position_ids=torch.tensor([[100]]))
+    assert sizes and max(sizes) == most
+    monkeypatch.undo()
+    torch.testing.assert_close(step[:, -1], logits(model, torch.cat([ids(100), prompt[:, -1:].argmax(-1)], 1))[:, -1],
+                               atol=1e-4, rtol=0)
