@@ -16,7 +16,7 @@ from llama_ctx.compat import cache_kwargs
 from conftest import ids, logits, tiny_model
 from test_attention_positional import CASES, assert_matches_reference, default_inv_freq, dense_reference, left_padded
 
-ALL = dict(CASES)
+ALL = {**CASES, "dca": dict(chunk_size=24, local_window=6)}  # the tests that need no reference run DCA too
 
 
 def parameter_grads(model, x, weights):
@@ -142,9 +142,10 @@ def test_prefill_in_pieces_equals_one_forward(method, cache_type, monkeypatch):
     torch.testing.assert_close(torch.cat(got, dim=1), full, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("method,p,most", [("rerope", dict(window=16), 16), ("self-extend", CASES["self-extend"], 16)])
+@pytest.mark.parametrize("method,p,most", [("rerope", dict(window=16), 16), ("self-extend", CASES["self-extend"], 16),
+                                            ("dca", ALL["dca"], 1)])
 def test_a_decode_step_rotates_only_the_keys_it_needs(method, p, most, monkeypatch):
-    # ReRoPE-like methods re-rotate the last `window` keys
+    # ReRoPE-like methods re-rotate the last `window` keys; DCA reads its cache as stored
     model = tiny_model()
     llama_ctx.patch(model, method, **p)
     cache = DynamicCache()
