@@ -13,7 +13,7 @@ ATTENTION = {  # every registered attention method, small parameters for the tin
     "rerope": dict(window=16), "leaky-rerope": dict(window=16, factor=4.0),
     "self-extend": dict(group_size=4, window=16), "lambda": dict(global_tokens=4, local_window=24),
     "topk": dict(k=3, local_window=16), "block-topk": dict(block_size=4, k_blocks=2, local_window=10),
-    "streaming": dict(window=16),
+    "streaming": dict(window=16), "dca": dict(chunk_size=24, local_window=6),
 }
 
 
