@@ -216,7 +216,8 @@ def positional_attention(attn, scheme: Scheme, rotary, hidden_states, attention_
         base = attention_mask[:, :, a:b, u:z] if attention_mask is not None else None
         if how != "masked":
             return _bias(None, base, q.dtype)
-        lo, hi = plan.lo[:, a:b] - u, plan.hi[:, a:b] - u
+        # relative to the piece and clipped to it, so that e.g. an unbounded start gives the same key in every chunk
+        lo, hi = (plan.lo[:, a:b] - u).clamp(min=0), (plan.hi[:, a:b] - u).clamp(min=-1, max=z - u)
         key = (z - u, lo.cpu().numpy().tobytes(), hi.cpu().numpy().tobytes()) if base is None else None
         if key in masks:
             return masks[key]
@@ -353,8 +354,7 @@ def _merge(parts):
     top = functools.reduce(torch.maximum, [lse for _, lse in parts])
     weights = [(lse - top).exp() for _, lse in parts]
     total = functools.reduce(torch.add, weights)
-    out = None
-    for (o, _), w in zip(parts, weights):
-        term = o.float() * (w / total)[..., None]
-        out = term if out is None else out + term
+    out = parts[0][0].float() * (weights[0] / total)[..., None]
+    for (o, _), w in zip(parts[1:], weights[1:]):
+        out = out.addcmul_(o.float(), (w / total)[..., None])
     return out.to(parts[0][0].dtype)
