@@ -159,3 +159,19 @@ def test_a_decode_step_rotates_only_the_keys_it_needs(method, p, most, monkeypat
     monkeypatch.undo()
     torch.testing.assert_close(step[:, -1], logits(model, torch.cat([ids(100), prompt[:, -1:].argmax(-1)], 1))[:, -1],
                                atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", list(ALL))
+def test_packed_documents_with_a_block_mask_equal_separate_rows(method, monkeypatch):
+    # positions restart per document; bounds are turned into cache indices with each query's own offset
+    monkeypatch.setattr(engine, "CHUNK", 32)
+    model = tiny_model()
+    llama_ctx.patch(model, method, **ALL[method])
+    docs = [ids(70, seed=2)[0], ids(50, seed=3)[0]]
+    doc = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])
+    allowed = (doc[:, None] == doc[None, :]) & torch.ones(len(doc), len(doc), dtype=torch.bool).tril()
+    mask = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None]
+    position_ids = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    packed = logits(model, torch.cat(docs)[None], attention_mask=mask, position_ids=position_ids)
+    for i, d in enumerate(docs):
+        torch.testing.assert_close(packed[0, doc == i], logits(model, d[None])[0], atol=1e-5, rtol=0)
