@@ -24,7 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from . import registry
 from .patch import patch, unpatch
-from .reference import positional, rope, s2, selection, streaming
+from .reference import dca, positional, rope, s2, selection, streaming
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=256, max_position_embeddings=64)
@@ -91,6 +91,13 @@ def _positional(name):
     return expected
 
 
+def _dca(model, p):
+    x = ids(LENGTH)
+    with dca.dca_reference(model, p["chunk_size"], p["local_window"], torch.ones_like(x).bool(),
+                           positional.default_inv_freq()):
+        return logits(model, x, position_ids=torch.arange(LENGTH)[None])
+
+
 def _streaming(model, p):
     return streaming.dense_reference(model, ids(LENGTH)[0], sinks=p.get("sink_tokens", 4), window=p["window"])[None]
 
@@ -119,6 +126,7 @@ CASES: dict[str, tuple[dict, Callable]] = {  # method -> (params for the tiny mo
                    lambda model, p: selection.reference_logits(model, ids(LENGTH), "block-topk", p)),
     "streaming": (dict(window=16), _streaming),
     "s2-attn": (dict(group_size_ratio=0.25), _s2),
+    "dca": (dict(chunk_size=24, local_window=6), _dca),
 }
 
 

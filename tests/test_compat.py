@@ -1,5 +1,7 @@
 """transformers moves (issue 8): the cache under either name, no argument dropped, renames refused at patch()."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -13,7 +15,7 @@ ATTENTION = {  # every registered attention method, small parameters for the tin
     "rerope": dict(window=16), "leaky-rerope": dict(window=16, factor=4.0),
     "self-extend": dict(group_size=4, window=16), "lambda": dict(global_tokens=4, local_window=24),
     "topk": dict(k=3, local_window=16), "block-topk": dict(block_size=4, k_blocks=2, local_window=10),
-    "streaming": dict(window=16), "s2-attn": dict(),
+    "streaming": dict(window=16), "s2-attn": dict(), "dca": dict(chunk_size=24, local_window=6),
 }
 
 
@@ -134,13 +136,12 @@ def test_check_passes_on_the_installed_versions(capsys):
 
 
 def test_check_fails_on_a_broken_method(monkeypatch, capsys):
-    """ReRoPE with its outer query position off by one: its forward row fails (generate only checks that the cache
+    """ReRoPE with its window off by one: its forward row fails (generate only checks that the cache
     agrees with recomputation, which a consistently wrong method still does), and the exit code is 1."""
     original = rerope.ReRoPE.scheme
 
     def off_by_one(self, p, ctx):
-        s = original(self, p, ctx)
-        return type(s)(**{**s.__dict__, "outer_q": lambda pos: torch.full_like(pos, p.window + 1)})
+        return original(self, dataclasses.replace(p, window=p.window + 1), ctx)
 
     monkeypatch.setattr(rerope.ReRoPE, "scheme", off_by_one)
     assert check.main(["rerope", "pi"]) == 1

@@ -20,7 +20,7 @@ PARAMS = {
     "rerope": dict(window=8), "leaky-rerope": dict(window=8, factor=2), "self-extend": dict(group_size=2, window=8),
     "lambda": dict(global_tokens=4, local_window=16), "streaming": dict(window=16),
     "topk": dict(k=3, local_window=16), "block-topk": dict(block_size=4, k_blocks=2, local_window=10),
-    "s2-attn": dict(group_size_ratio=0.25),
+    "s2-attn": dict(group_size_ratio=0.25), "dca": dict(chunk_size=24, local_window=6),
 }
 ATTENTION = [m["name"] for m in llama_ctx.methods() if m["kind"] == "attention"]
 # every method alone, the rope method "yarn" applied before each attention method, and after two of them

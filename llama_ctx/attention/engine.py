@@ -1,30 +1,40 @@
-"""Shared engine of the position-rewriting attention methods (ReRoPE, Leaky ReRoPE, Self-Extend, Λ-shaped).
+"""Shared engine of the position-rewriting attention methods (ReRoPE, Leaky ReRoPE, Self-Extend, Λ, DCA).
 
-For query position i and key position j <= i (rel = i - j) every one of these methods is two position sets:
+Each method is a `Scheme`: a partition of the causal (query i, key j) pairs into a few *branches*, each with its
+own query and key positions. For positions i >= j,
 
-    score(i, j) = <R(i) q_i, R(j) k_j>              if rel < window   (inner branch: ordinary RoPE)
-    score(i, j) = <R(P_q(i)) q_i, R(P_k(j)) k_j>    otherwise         (outer branch)
+    score(i, j) = <R(P_q^b(i)) q_i, R(P_k^b(j)) k_j>    for the branch b with lo_b(i) <= j <= hi_b(i)
 
-so the outer relative position is P_q(i) - P_k(j) (ReRoPE: P_q = window, P_k = 0). Λ-shaped attention also
-hides outer keys at positions >= `global_tokens`.
+and pairs in no branch are hidden (Λ's middle). ReRoPE is two branches (inner: j > i - window at ordinary
+positions; outer: j <= i - window with queries at `window` and keys at 0); Dual Chunk Attention is three (same
+chunk, previous chunk, older chunks). The bounds lo/hi are functions of the query position only, so a branch's
+mask never needs an L x L position matrix, and the method code is a few lines.
 
-Cache. The `DynamicCache` holds each key rotated once at its outer position, `s * R(P_k(j)) k_j` (s is the
-rotary `attention_scaling`), and values as usual. The outer branch uses cached keys as they are; since
-R(a) R(b) = R(a + b), the inner branch gets R(j) k_j by rotating a cached key by j - P_k(j) (scaling 1). Only
-keys within `window` of a query of the current call take part in the inner branch, so a decode step re-rotates
-the last `window` keys, never the whole cache.
+Cache. The `DynamicCache` (or `StaticCache`) holds each key rotated once at the scheme's stored position,
+`s * R(P_s(j)) k_j` (s is the rotary `attention_scaling`), and values as usual. A branch whose key positions are
+the stored ones uses cached keys as they are; since R(a) R(b) = R(a + b), another branch rotates the cached keys it
+needs by P_k^b(j) - P_s(j) (scaling 1). A decode step touches only the keys inside some branch's range: ReRoPE
+re-rotates the last `window` keys, DCA none at all. Other cache layers (sliding, quantized, streaming...) are
+refused before the cache changes: their `update` returns something other than every key in order.
 
-Computation, per chunk of `CHUNK` queries with cache indices [qa, qb): keys [0, qa - w] are outer for every
-query (no mask needed), keys [qb - w, qb) inner (or causally hidden), and the band in between is outer for some
-queries and inner for others. Three attention calls (pure outer, outer band, inner band + window), each with
-its own rotated queries and a mask that lets every (query, key) pair through exactly one of them, return an
-output and a log-sum-exp; the partial softmaxes are merged by their log-sum-exp (as in flash attention). No
-L x L map exists: the largest temporary is a CHUNK x L mask, only where padding or the band needs one.
+Computation, per chunk of `CHUNK` queries: for each branch, the keys that some query of the chunk may see form
+one index range. When the keys every query of the chunk sees (the intersection of the per-query ranges) are at
+least `SPLIT` wide, they get an attention call without a mask (and a diagonal block where each query ends at
+itself, a call with the kernel's causal flag); the rest of the range, or all of it, one call with a mask built
+from the per-query bounds (at most CHUNK x range; without padding, masks of the same shape relative to their
+first key are built once per call). Each call uses the branch's rotated queries and returns an output and a
+log-sum-exp; the partial softmaxes are merged by their log-sum-exp (as in flash attention). The work beyond the
+pairs themselves is about 1.5 x CHUNK keys per query (ReRoPE: ~9% at 8K tokens).
 
 Positions are the per-row `position_ids` of the call (left padding: generate's cumsum of the attention mask);
-cached keys get the positions just before the first query of the call. The inner/outer split and the causal
-order use cache indices, so positions must grow by one per real token within a row (what a forward and
-`generate` produce); padding is hidden by the attention mask, which is always honoured.
+cached keys get the positions just before the first query of the call. Bounds are turned into cache indices with
+each query's own offset (index - position), so within a row positions must grow by one per real token between a
+query and the keys it may see (what a forward and `generate` produce; packed documents with a block mask too);
+padding is hidden by the attention mask, which is always honoured.
+
+Gradients. The private CPU flash op returns a log-sum-exp that autograd does not differentiate, so it is used only
+where no gradient is needed; with gradients every chunk runs on plain matmuls under activation checkpointing, so
+the backward pass recomputes a chunk's scores instead of keeping L x L of them.
 """
 
 from __future__ import annotations
@@ -35,6 +45,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch.utils.checkpoint import checkpoint
+from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from ..cache import append
 from ..errors import UnsupportedModelError
@@ -42,13 +54,34 @@ from ..rope.module import cos_sin, rotary_frequencies
 from ..rope.module import rotate as rope_rotate
 from .base import AttentionMethod
 
-CHUNK = 1024  # queries per chunk: bounds the per-chunk masks at CHUNK x (cache length) floats
+CHUNK = 256  # queries per chunk: the extra work is ~1.5 x CHUNK keys per query; masks are at most CHUNK x (keys)
+SPLIT = 1024  # a branch's unmasked middle gets a call of its own (no mask) when at least this many keys wide
 
 # NOTE: torch's CPU flash-attention kernel also returns the log-sum-exp, which the merge needs; the public
 # `scaled_dot_product_attention` does not. It is a private op, so it is used only after `_flash_cpu_ok` has
 # checked it against `_attend_dense` on a tiny GQA input; elsewhere (other devices, a torch where the op is
-# missing or behaves differently) `_attend_dense` computes the same two tensors with plain matmuls.
+# missing or behaves differently, or when gradients are needed) `_attend_dense` computes the same two tensors
+# with plain matmuls.
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+Positions = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One position set: the pairs with lo(i) <= j <= hi(i) score <R(q(i)) q_i, R(k(j)) k_j>.
+
+    Args:
+        hi: integer query positions (B, L) -> last key position of the branch (clipped to i: always causal).
+        lo: integer query positions -> first key position; None: from the first key.
+        q: float positions -> query rotation positions; None: the positions themselves.
+        k: float positions -> key rotation positions; None: the scheme's stored key positions (no re-rotation).
+    """
+
+    hi: Positions
+    lo: Positions | None = None
+    q: Positions | None = None
+    k: Positions | None = None
 
 
 @dataclass(frozen=True)
@@ -56,24 +89,34 @@ class Scheme:
     """One method's positions.
 
     Args:
-        window: pairs with rel < window use ordinary RoPE.
-        outer_q: float positions (B, L) -> outer query positions P_q.
-        outer_k: float positions (B, L) -> outer key positions P_k.
+        keys: float positions -> the positions at which the cache stores keys.
+        branches: disjoint pair sets; together they cover every visible causal pair.
         log_scale_from: if set (training length T), queries at i >= T are scaled by log(i + 1) / log(T).
-        global_tokens: if set, outer keys are visible only at positions < global_tokens (Λ-shaped mask).
         check: called with the number of positions a call reaches (max position + 1) before any computation.
     """
 
-    window: int
-    outer_q: Callable[[torch.Tensor], torch.Tensor]
-    outer_k: Callable[[torch.Tensor], torch.Tensor]
+    keys: Positions
+    branches: tuple[Branch, ...]
     log_scale_from: int | None = None
-    global_tokens: int | None = None
     check: Callable[[int], None] | None = None
+
+
+def window_scheme(window: int, outer_q: Positions, outer_k: Positions, global_tokens: int | None = None,
+                  log_scale_from: int | None = None, check=None) -> Scheme:
+    """The two-branch scheme of ReRoPE, Leaky ReRoPE, Self-Extend and Λ: ordinary RoPE for i - j < window,
+    queries at outer_q(i) and keys at outer_k(j) beyond (only keys at positions < `global_tokens`, if given)."""
+    w = window
+    outer_hi = (lambda i: i - w) if global_tokens is None else (lambda i: torch.clamp(i - w, max=global_tokens - 1))
+    inner = Branch(lo=lambda i: i - (w - 1), hi=lambda i: i, k=lambda pos: pos)
+    outer = Branch(hi=outer_hi, q=outer_q)
+    return Scheme(keys=outer_k, branches=(inner, outer), log_scale_from=log_scale_from, check=check)
 
 
 class PositionalAttention(AttentionMethod):
     """An attention method defined by a `Scheme`; subclasses implement `scheme(params, ctx)`."""
+
+    def check_cache(self, cache, layer_idx: int) -> None:
+        check_cache(cache, layer_idx)  # the engine also reads a static layer (its first past + L slots)
 
     def scheme(self, params, ctx) -> Scheme:
         raise NotImplementedError
@@ -109,12 +152,31 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return rope_rotate(x, cos[:, None], sin[:, None])
 
 
+def check_cache(cache, layer_idx: int) -> None:
+    """Raise unless layer `layer_idx` of `cache` returns every key in order from `update` (a full dynamic or static
+    layer); called before the cache is touched."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise UnsupportedModelError(f"position-rewriting attention needs a transformers Cache, got {type(cache).__name__}.")
+    layer = layers[layer_idx] if layer_idx < len(layers) else getattr(cache, "layer_class_to_replicate", None)
+    kind = layer if isinstance(layer, type) else type(layer)
+    if kind not in (DynamicLayer, StaticLayer):
+        raise UnsupportedModelError(
+            f"position-rewriting attention needs every key of the sequence in its cache, in order, at full precision; "
+            f"got a {getattr(kind, '__name__', kind)} (sliding-window, quantized and other special caches are not "
+            "supported). Use the default DynamicCache or cache_implementation='static'.")
+
+
 def positional_attention(attn, scheme: Scheme, rotary, hidden_states, attention_mask, cache, position_ids):
     """The attention block of `attn` (projections included) under `scheme`; returns (B, L, hidden)."""
     B, L, _ = hidden_states.shape
-    past = cache.get_seq_length(attn.layer_idx) if cache is not None else 0
+    past = 0
+    if cache is not None:
+        check_cache(cache, attn.layer_idx)
+        past = int(cache.get_seq_length(attn.layer_idx))  # a tensor for a static layer
     if position_ids is None:
         position_ids = torch.arange(past, past + L, device=hidden_states.device).expand(B, L)
+    position_ids = position_ids.expand(B, L)
     if scheme.check is not None:
         scheme.check(int(position_ids.max()) + 1)
 
@@ -128,78 +190,136 @@ def positional_attention(attn, scheme: Scheme, rotary, hidden_states, attention_
     if scheme.log_scale_from is not None:
         log_scale = (torch.log1p(pos) / math.log(scheme.log_scale_from)).clamp(min=1)
         q = q * log_scale[:, None, :, None].to(q.dtype)
-    q_inner = rotate(q, *cos_sin(inv_freq, scaling, pos, q))
-    q_outer = rotate(q, *cos_sin(inv_freq, scaling, scheme.outer_q(pos), q))
-    k = rotate(k, *cos_sin(inv_freq, scaling, scheme.outer_k(pos), k))
+    k = rotate(k, *cos_sin(inv_freq, scaling, scheme.keys(pos), k))
     if cache is not None:
         k, v = append(cache, attn.layer_idx, k, v)  # in place: no whole-cache copy per decoded token
-
-    T, w = k.shape[2], scheme.window
-    first = T - L  # cache index of the first query
-    before = torch.arange(first, 0, -1, device=pos.device, dtype=pos.dtype)
+        k, v = k[:, :, :past + L], v[:, :, :past + L]  # a static layer returns its whole buffer
+    T = k.shape[2]
+    before = torch.arange(past, 0, -1, device=pos.device, dtype=pos.dtype)
     pos_k = torch.cat([pos[:, :1] - before, pos], dim=1)  # (B, T) positions of all keys
-    lo = max(0, first - w + 1)  # keys [lo, T) are inner for some query of this call
-    k_inner = rotate(k[:, :, lo:], *cos_sin(inv_freq, 1.0, pos_k[:, lo:] - scheme.outer_k(pos_k[:, lo:]), k))
-
-    global_end, key_ok = T, None
-    if scheme.global_tokens is not None:
-        is_global = pos_k < scheme.global_tokens  # (B, T)
-        key_ok = is_global[:, None, None, :]
-        hits = is_global.any(dim=0).nonzero()
-        global_end = int(hits.max()) + 1 if len(hits) else 0
     if attention_mask is not None:
         attention_mask = attention_mask[..., :T]
 
-    out = torch.empty_like(q_inner)
+    index = torch.arange(past, T, device=q.device)  # cache index of each query
+    shift = index - position_ids  # per query: cache index - position, to turn position bounds into indices
+    plans = []
+    for branch in scheme.branches:
+        plan = _plan(branch, position_ids, shift, index, L)
+        if plan is None:
+            continue  # no pair of this call is in the branch
+        qpos = pos if branch.q is None else branch.q(pos)
+        qb = rotate(q, *cos_sin(inv_freq, scaling, qpos, q))
+        kb, first = k, 0
+        if branch.k is not None:  # re-rotate only the cached keys this branch reaches in this call
+            first, stop = plan.keys
+            delta = branch.k(pos_k[:, first:stop]) - scheme.keys(pos_k[:, first:stop])
+            kb = rotate(k[:, :, first:stop], *cos_sin(inv_freq, 1.0, delta, k))
+        plans.append((plan, qb, kb, first))
+
+    masks = {}  # without padding, a mask depends only on the per-query bounds relative to its first key
+
+    def bias(plan, a, b, u, z, how):
+        base = attention_mask[:, :, a:b, u:z] if attention_mask is not None else None
+        if how != "masked":
+            return _bias(None, base, q.dtype)
+        # relative to the piece and clipped to it, so that e.g. an unbounded start gives the same key in every chunk
+        lo, hi = (plan.lo[:, a:b] - u).clamp(min=0), (plan.hi[:, a:b] - u).clamp(min=-1, max=z - u)
+        key = (z - u, lo.cpu().numpy().tobytes(), hi.cpu().numpy().tobytes()) if base is None else None
+        if key in masks:
+            return masks[key]
+        cols = torch.arange(z - u, device=q.device)
+        out = _bias((cols >= lo[..., None]) & (cols <= hi[..., None]), base, q.dtype)
+        if key is not None:
+            masks[key] = out
+        return out
+
+    def rows(a: int, b: int) -> torch.Tensor:
+        parts = []
+        for plan, qb, kb, first in plans:
+            qa, qc = past + a, past + b  # cache indices of the chunk's queries
+            for u, z, how in plan.pieces(a // CHUNK, qa, qc):
+                parts.append(_attend(qb[:, :, a:b], kb[:, :, u - first:z - first], v[:, :, u:z],
+                                     bias(plan, a, b, u, z, how), attn.scaling, causal=how == "causal"))
+        return _merge(parts)
+
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    outs = []
     for a in range(0, L, CHUNK):
         b = min(L, a + CHUNK)
-        qa, qb = first + a, first + b
-        base = attention_mask[:, :, a:b] if attention_mask is not None else None
-        ko = min(max(qb - w, 0), global_end)  # outer keys: [0, ko)
-        p = min(max(qa - w + 1, 0), ko)  # of which [0, p) are outer for every query of the chunk
-        ki = max(qa - w + 1, 0)  # inner keys: [ki, qb)
-        rows = torch.arange(qa, qb, device=q.device)[:, None]
-        parts = []
-        if p > 0:
-            allowed = None if key_ok is None else key_ok[..., :p]
-            parts.append(_attend(q_outer[:, :, a:b], k[:, :, :p], v[:, :, :p],
-                                 _bias(allowed, _cols(base, 0, p), q.dtype), attn.scaling))
-        if ko > p:
-            cols = torch.arange(p, ko, device=q.device)
-            allowed = cols <= rows - w
-            if key_ok is not None:
-                allowed = allowed & key_ok[..., p:ko]
-            parts.append(_attend(q_outer[:, :, a:b], k[:, :, p:ko], v[:, :, p:ko],
-                                 _bias(allowed, _cols(base, p, ko), q.dtype), attn.scaling))
-        cols = torch.arange(ki, qb, device=q.device)
-        allowed = (cols <= rows) & (cols > rows - w)
-        parts.append(_attend(q_inner[:, :, a:b], k_inner[:, :, ki - lo:qb - lo], v[:, :, ki:qb],
-                             _bias(allowed, _cols(base, ki, qb), q.dtype), attn.scaling))
-        out[:, :, a:b] = _merge(parts)
+        # with gradients, recompute each chunk's scores in the backward pass instead of keeping them (L x L in all)
+        outs.append(checkpoint(rows, a, b, use_reentrant=False) if grad else rows(a, b))
+    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     return attn.o_proj(out.transpose(1, 2).reshape(B, L, -1))
 
 
-def _cols(mask, start: int, stop: int):
-    return None if mask is None else mask[..., start:stop]
+@dataclass
+class _Plan:
+    """Where one branch's keys lie, in cache indices: per query (lo, hi: (B, L)) and per query chunk (stats)."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    stats: list  # per chunk: [min lo, max hi, max lo, min hi, min(hi - index)]
+    keys: tuple[int, int]  # the keys the branch reaches in this call
+
+    def pieces(self, c: int, qa: int, qc: int):
+        """(first key, stop, how) attention calls covering chunk `c` (queries [qa, qc)), how in "full" (no mask),
+        "masked" (per-query bounds) or "causal" (the diagonal block, key <= query)."""
+        x, y, fx, fy, diag = self.stats[c]
+        if y < x:
+            return []
+        y, fy = y + 1, fy + 1  # stops
+        if diag == 0 and fx <= qa:  # every query ends at itself, none starts after qa: [qa, qc) is a causal block
+            if qa - fx < SPLIT:
+                return [(x, qc, "masked")]
+            return [p for p in [(x, fx, "masked"), (fx, qa, "full"), (qa, qc, "causal")] if p[1] > p[0]]
+        if fy - fx < SPLIT:
+            return [(x, y, "masked")]
+        return [p for p in [(x, fx, "masked"), (fx, fy, "full"), (fy, y, "masked")] if p[1] > p[0]]
+
+
+def _plan(branch: Branch, position_ids, shift, index, L: int) -> _Plan | None:
+    """Per-query key index bounds of `branch` and their per-chunk extremes; None if the branch is empty."""
+    hi = torch.minimum(branch.hi(position_ids) + shift, index)
+    lo = torch.zeros_like(hi) if branch.lo is None else (branch.lo(position_ids) + shift).clamp(min=0)
+    n = -(-L // CHUNK)
+    pad = n * CHUNK - L
+    big = 1 << 50  # padding of the last chunk; exact in float64, which `pad` may use for the fill value
+
+    def per_chunk(x, reduce, fill):
+        x = torch.nn.functional.pad(x, (0, pad), value=fill).view(x.shape[0], n, CHUNK)
+        return reduce(reduce(x, dim=2), dim=0)
+
+    stats = torch.stack([per_chunk(lo, torch.amin, big), per_chunk(hi, torch.amax, -big),
+                         per_chunk(lo, torch.amax, -big), per_chunk(hi, torch.amin, big),
+                         per_chunk(hi - index, torch.amin, 0)], dim=1).tolist()
+    if all(y < x for x, y, *_ in stats):
+        return None
+    keys = min(x for x, y, *_ in stats if y >= x), max(y + 1 for x, y, *_ in stats if y >= x)
+    return _Plan(lo, hi, stats, keys)
 
 
 def _bias(allowed, base, dtype):
-    """Additive float mask: `base` (a 4D bool mask or float bias, or None) where `allowed`, the dtype's min elsewhere."""
+    """Additive float mask (B or 1, 1, C, K): `base` (a 4D bool mask or float bias, or None) where `allowed`
+    (B, C, K) bool, the dtype's min elsewhere."""
+    if allowed is not None:
+        allowed = allowed[:, None]
     if base is not None and base.dtype == torch.bool:
         allowed = base if allowed is None else allowed & base
         base = None
     if allowed is None:
         return base if base is None else base.to(dtype)
     keep = torch.zeros((), dtype=dtype, device=allowed.device) if base is None else base.to(dtype)
-    bias = torch.where(allowed, keep, torch.finfo(dtype).min)
-    return bias if bias.dim() == 4 else bias[None, None]
+    return torch.where(allowed, keep, torch.finfo(dtype).min)
 
 
-def _attend(q, k, v, bias, scale):
-    """Softmax attention of q (B, H, C, d) over k, v (B, Hkv, K, d): (output, float32 log-sum-exp (B, H, C))."""
-    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and _flash_cpu_ok():
-        return _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
-    return _attend_dense(q, k, v, bias, scale)
+def _attend(q, k, v, bias, scale, causal=False):
+    """Softmax attention of q (B, H, C, d) over k, v (B, Hkv, K, d): (output, float32 log-sum-exp (B, H, C)).
+    `causal`: query c sees keys <= c only (top-left aligned)."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if (not needs_grad and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
+            and _flash_cpu_ok()):
+        return _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)[:2]
+    return _attend_dense(q, k, v, bias, scale, causal)
 
 
 @functools.cache
@@ -211,28 +331,37 @@ def _flash_cpu_ok() -> bool:
     q, k, v = (torch.randn(1, h, 5, 8, generator=g) for h in (4, 2, 2))
     bias = torch.where(torch.rand(1, 1, 5, 5, generator=g) < 0.3, torch.finfo(torch.float32).min, 0.0)
     try:
-        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=0.3)[:2]
+        with torch.no_grad():
+            got = [_FLASH_CPU(q, k, v, 0.0, causal, attn_mask=bias, scale=0.3)[:2] for causal in (False, True)]
     except (RuntimeError, TypeError):
         return False
-    ref_out, ref_lse = _attend_dense(q, k, v, bias, 0.3)
-    return bool(torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(lse, ref_lse, atol=1e-5))
+    want = [_attend_dense(q, k, v, bias, 0.3, causal) for causal in (False, True)]
+    return all(torch.allclose(a, b, atol=1e-5) for pair in zip(got, want) for a, b in zip(*pair))
 
 
-def _attend_dense(q, k, v, bias, scale):
+def _attend_dense(q, k, v, bias, scale, causal=False):
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
     if bias is not None:
         scores = scores + bias
+    if causal:
+        C, K = scores.shape[-2:]
+        future = torch.ones(C, K, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
     lse = scores.logsumexp(dim=-1)
     return torch.matmul((scores - lse[..., None]).exp().to(v.dtype), v), lse
 
 
 def _merge(parts):
-    """Combine partial attentions over disjoint key sets: weights exp(lse_i - max) per query."""
+    """Combine partial attentions over disjoint key sets: weights softmax(lse) across parts, per query."""
     if len(parts) == 1:
         return parts[0][0]
-    lse = torch.stack([p[1] for p in parts])
-    weights = (lse - lse.max(dim=0).values).exp()
-    total = sum(w[..., None] * o.float() for w, (o, _) in zip(weights, parts))
-    return (total / weights.sum(dim=0)[..., None]).to(parts[0][0].dtype)
+    # the weights are small (B, H, C); only one multiply-add per part touches the outputs
+    top = functools.reduce(torch.maximum, [lse for _, lse in parts])
+    weights = [(lse - top).exp() for _, lse in parts]
+    total = functools.reduce(torch.add, weights)
+    out = parts[0][0].float() * (weights[0] / total)[..., None]
+    for (o, _), w in zip(parts[1:], weights[1:]):
+        out = out.addcmul_(o.float(), (w / total)[..., None])
+    return out.to(parts[0][0].dtype)

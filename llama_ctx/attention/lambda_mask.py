@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..registry import check_int, from_model, register
-from .engine import PositionalAttention, Scheme
+from .engine import PositionalAttention, Scheme, window_scheme
 
 
 @dataclass
@@ -32,8 +32,8 @@ class LambdaParams:
 
 class LambdaAttention(PositionalAttention):
     def scheme(self, p: LambdaParams, ctx) -> Scheme:
-        return Scheme(p.local_window, outer_q=lambda pos: torch.full_like(pos, p.local_window),
-                      outer_k=torch.zeros_like, global_tokens=p.global_tokens)
+        return window_scheme(p.local_window, outer_q=lambda pos: torch.full_like(pos, p.local_window),
+                             outer_k=torch.zeros_like, global_tokens=p.global_tokens)
 
 
 register("lambda", "attention", LambdaParams, LambdaAttention(),

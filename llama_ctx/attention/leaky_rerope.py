@@ -8,7 +8,7 @@ the cache stores keys rotated at j / factor). ReRoPE is the limit factor -> infi
 from dataclasses import dataclass, field
 
 from ..registry import check_number, register
-from .engine import PositionalAttention, Scheme
+from .engine import PositionalAttention, Scheme, window_scheme
 from .rerope import ReRoPEParams
 
 
@@ -31,8 +31,8 @@ class LeakyReRoPEParams(ReRoPEParams):
 class LeakyReRoPE(PositionalAttention):
     def scheme(self, p: LeakyReRoPEParams, ctx) -> Scheme:
         w, f = p.window, p.factor
-        return Scheme(w, outer_q=lambda pos: pos / f + (w - w / f), outer_k=lambda pos: pos / f,
-                      log_scale_from=p.training_length if p.log_scale else None)
+        return window_scheme(w, outer_q=lambda pos: pos / f + (w - w / f), outer_k=lambda pos: pos / f,
+                             log_scale_from=p.training_length if p.log_scale else None)
 
 
 register("leaky-rerope", "attention", LeakyReRoPEParams, LeakyReRoPE(),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..registry import check_flag, check_int, from_model, register
-from .engine import PositionalAttention, Scheme
+from .engine import PositionalAttention, Scheme, window_scheme
 
 
 @dataclass
@@ -35,8 +35,8 @@ class ReRoPEParams:
 
 class ReRoPE(PositionalAttention):
     def scheme(self, p: ReRoPEParams, ctx) -> Scheme:
-        return Scheme(p.window, outer_q=lambda pos: torch.full_like(pos, p.window), outer_k=torch.zeros_like,
-                      log_scale_from=p.training_length if p.log_scale else None)
+        return window_scheme(p.window, outer_q=lambda pos: torch.full_like(pos, p.window), outer_k=torch.zeros_like,
+                             log_scale_from=p.training_length if p.log_scale else None)
 
 
 register("rerope", "attention", ReRoPEParams, ReRoPE(),

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ConfigError
 from ..registry import check_int, register
-from .engine import PositionalAttention, Scheme
+from .engine import PositionalAttention, Scheme, window_scheme
 
 
 @dataclass
@@ -57,8 +57,8 @@ class SelfExtend(PositionalAttention):
                     f"self-extend with group_size={g}, window={w} covers {covered} positions of a model trained "
                     f"on {trained}, but this input reaches {length}; patch with group_size >= {need}.")
 
-        return Scheme(w, outer_q=lambda pos: torch.div(pos, g, rounding_mode="floor") + (w - w // g),
-                      outer_k=lambda pos: torch.div(pos, g, rounding_mode="floor"), check=check)
+        return window_scheme(w, outer_q=lambda pos: torch.div(pos, g, rounding_mode="floor") + (w - w // g),
+                             outer_k=lambda pos: torch.div(pos, g, rounding_mode="floor"), check=check)
 
 
 register("self-extend", "attention", SelfExtendParams, SelfExtend(),

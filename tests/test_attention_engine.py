@@ -1,0 +1,177 @@
+"""The position-rewriting engine beyond forward values: gradients, cache types, the private flash op's use.
+
+Gradients of every parameter are compared with those of the dense reference of tests/test_attention_positional.py
+(explicit positions, full softmax, float64), which autograd differentiates directly.
+"""
+
+import pytest
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicSlidingWindowLayer, QuantizedCache, StaticCache
+
+import llama_ctx
+from llama_ctx import UnsupportedModelError
+from llama_ctx.attention import engine
+from llama_ctx.cache import StreamingCache
+from llama_ctx.compat import cache_kwargs
+from conftest import ids, logits, tiny_model
+from test_attention_positional import CASES, assert_matches_reference, default_inv_freq, dense_reference, left_padded
+
+ALL = {**CASES, "dca": dict(chunk_size=24, local_window=6)}  # the tests that need no reference run DCA too
+
+
+def parameter_grads(model, x, weights):
+    model.zero_grad()
+    (model(x).logits * weights).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def reference_grads(model, method, p, x, weights):
+    """Gradients of the same loss with every attention module computing the dense reference."""
+    with dense_reference(model, method, p, torch.ones_like(x).bool(), default_inv_freq()):
+        model.zero_grad()
+        (model(x, position_ids=torch.arange(x.shape[1])[None]).logits * weights).sum().backward()
+    return {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+
+
+def assert_grads_close(got, want):
+    assert got.keys() == want.keys()
+    assert any("q_proj" in n for n in want) and any("k_proj" in n for n in want)
+    for name in want:
+        scale = want[name].abs().max()
+        assert scale > 0, name  # the check can see a dropped gradient
+        torch.testing.assert_close(got[name] / scale, want[name] / scale, atol=2e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_gradients_match_the_dense_reference(method, monkeypatch):
+    # several query chunks and both branches; the flash op must not be used where its log-sum-exp has no gradient
+    monkeypatch.setattr(engine, "CHUNK", 48)
+    model = tiny_model()
+    x = ids(120)
+    weights = torch.randn(1, 120, 256, generator=torch.Generator().manual_seed(5))
+    llama_ctx.patch(model, method, **CASES[method])
+    got = parameter_grads(model, x, weights)
+    llama_ctx.unpatch(model)
+    assert_grads_close(got, reference_grads(model, method, CASES[method], x, weights))
+
+
+def test_inference_still_uses_the_flash_op(monkeypatch):
+    if not engine._flash_cpu_ok():
+        pytest.skip("the private CPU flash op is not usable on this torch")
+    calls = []
+    real = engine._FLASH_CPU
+    monkeypatch.setattr(engine, "_FLASH_CPU", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    model = tiny_model()
+    llama_ctx.patch(model, "rerope", window=16)
+    logits(model, ids(50))  # no_grad
+    assert calls
+    calls.clear()
+    model(ids(50)).logits.sum().backward()  # gradients: plain matmuls only
+    assert not calls
+
+
+@pytest.mark.parametrize("method", list(ALL))
+def test_static_cache_generate_equals_dynamic_cache(method):
+    model = tiny_model()
+    llama_ctx.patch(model, method, **ALL[method])
+    prompt = ids(40)
+    kw = dict(max_new_tokens=30, min_new_tokens=30, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    dynamic = model.generate(prompt, **kw)
+    static = model.generate(prompt, cache_implementation="static", **kw)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), atol=1e-4, rtol=0)
+
+
+def test_static_cache_with_left_padding_equals_single_rows():
+    model = tiny_model()
+    llama_ctx.patch(model, "self-extend", **CASES["self-extend"])
+    rows = [ids(50, seed=2)[0], ids(23, seed=3)[0]]
+    x, mask = left_padded(rows)
+    kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    out = model.generate(x, attention_mask=mask, cache_implementation="static", **kw)
+    for b, r in enumerate(rows):
+        single = model.generate(r[None], **kw)
+        assert torch.equal(out.sequences[b, x.shape[1]:], single.sequences[0, len(r):])
+        torch.testing.assert_close(torch.stack(out.logits)[:, b], torch.stack(single.logits)[:, 0], atol=1e-4, rtol=0)
+
+
+CACHES = {
+    "sliding": lambda model: Cache(layers=[DynamicSlidingWindowLayer(sliding_window=8) for _ in range(2)]),
+    "quantized": lambda model: QuantizedCache(backend="fp8", config=model.config),
+    "streaming": lambda model: StreamingCache(sink_tokens=4, window=16),
+}
+
+
+@pytest.mark.parametrize("kind", list(CACHES))
+def test_other_cache_layers_are_refused_before_the_cache_changes(kind):
+    model = tiny_model()
+    llama_ctx.patch(model, "rerope", window=16)
+    cache = CACHES[kind](model)
+    with pytest.raises(UnsupportedModelError, match="needs every key of the sequence in its cache.*DynamicCache"):
+        model(ids(20), **cache_kwargs(cache), use_cache=True)
+    assert cache.get_seq_length() == 0
+
+
+@pytest.mark.parametrize("chunk,split", [(8, 4), (20, 1), (48, 10**9)])
+@pytest.mark.parametrize("method", list(CASES))
+def test_every_tiling_matches_the_dense_reference(method, chunk, split, monkeypatch):
+    # chunks smaller and larger than the windows; unmasked middles split off always / never: every piece kind
+    # (unmasked, masked, causal diagonal) with and without padding
+    monkeypatch.setattr(engine, "CHUNK", chunk)
+    monkeypatch.setattr(engine, "SPLIT", split)
+    model = tiny_model()
+    llama_ctx.patch(model, method, **CASES[method])
+    assert_matches_reference(model, method, CASES[method], ids(100))
+    x, mask = left_padded([ids(90, seed=2)[0], ids(61, seed=3)[0]])
+    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    llama_ctx.patch(model, method, **CASES[method])
+    assert_matches_reference(model, method, CASES[method], x, attention_mask=mask, position_ids=position_ids)
+
+
+@pytest.mark.parametrize("cache_type", ["dynamic", "static"])
+@pytest.mark.parametrize("method", list(ALL))
+def test_prefill_in_pieces_equals_one_forward(method, cache_type, monkeypatch):
+    monkeypatch.setattr(engine, "CHUNK", 32)
+    model = tiny_model()
+    llama_ctx.patch(model, method, **ALL[method])
+    x = ids(150)
+    full = logits(model, x)
+    cache = DynamicCache() if cache_type == "dynamic" else StaticCache(config=model.config, max_cache_len=160)
+    got = [logits(model, x[:, a:b], **cache_kwargs(cache), use_cache=True, position_ids=torch.arange(a, b)[None])
+           for a, b in [(0, 70), (70, 71), (71, 150)]]
+    torch.testing.assert_close(torch.cat(got, dim=1), full, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method,p,most", [("rerope", dict(window=16), 16), ("self-extend", CASES["self-extend"], 16),
+                                            ("dca", ALL["dca"], 1)])
+def test_a_decode_step_rotates_only_the_keys_it_needs(method, p, most, monkeypatch):
+    # ReRoPE-like methods re-rotate the last `window` keys; DCA reads its cache as stored
+    model = tiny_model()
+    llama_ctx.patch(model, method, **p)
+    cache = DynamicCache()
+    prompt = logits(model, ids(100), **cache_kwargs(cache), use_cache=True)
+    sizes = []
+    real = engine.rotate
+    monkeypatch.setattr(engine, "rotate", lambda x, *a: sizes.append(x.shape[2]) or real(x, *a))
+    step = logits(model, prompt[:, -1:].argmax(-1), **cache_kwargs(cache), use_cache=True,
+                  position_ids=torch.tensor([[100]]))
+    assert sizes and max(sizes) == most
+    monkeypatch.undo()
+    torch.testing.assert_close(step[:, -1], logits(model, torch.cat([ids(100), prompt[:, -1:].argmax(-1)], 1))[:, -1],
+                               atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", list(ALL))
+def test_packed_documents_with_a_block_mask_equal_separate_rows(method, monkeypatch):
+    # positions restart per document; bounds are turned into cache indices with each query's own offset
+    monkeypatch.setattr(engine, "CHUNK", 32)
+    model = tiny_model()
+    llama_ctx.patch(model, method, **ALL[method])
+    docs = [ids(70, seed=2)[0], ids(50, seed=3)[0]]
+    doc = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])
+    allowed = (doc[:, None] == doc[None, :]) & torch.ones(len(doc), len(doc), dtype=torch.bool).tril()
+    mask = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None]
+    position_ids = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    packed = logits(model, torch.cat(docs)[None], attention_mask=mask, position_ids=position_ids)
+    for i, d in enumerate(docs):
+        torch.testing.assert_close(packed[0, doc == i], logits(model, d[None])[0], atol=1e-5, rtol=0)
