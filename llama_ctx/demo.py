@@ -60,7 +60,6 @@ def run(args: argparse.Namespace) -> None:
     ids = tokenizer(text, return_tensors="pt").input_ids[0, :length]
     print(f"{type(model).__name__}, trained window {window}; evaluating one window of {len(ids)} tokens, "
           f"{len(specs)} methods", flush=True)
-    torch.set_grad_enabled(False)
     curves, seconds = {}, {}
     for spec in tqdm(specs, desc="methods", unit="method"):
         t = time.perf_counter()
