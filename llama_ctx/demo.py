@@ -36,7 +36,6 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    import torch
     from tqdm.auto import tqdm
 
     from .eval.perplexity import perplexity, trained_window
