@@ -18,8 +18,6 @@ from __future__ import annotations
 import functools
 import inspect
 
-import transformers
-
 from .errors import UnsupportedModelError
 
 FLOOR = "5.18.0"  # the oldest release the whole test suite passes on (also in pyproject.toml and .ci/run)
@@ -45,6 +43,8 @@ class UnhandledArgumentError(UnsupportedModelError):
 
 
 def version() -> str:
+    import transformers  # the module object in sys.modules now (transformers may re-register its lazy module)
+
     return transformers.__version__
 
 

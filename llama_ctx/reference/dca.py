@@ -9,9 +9,10 @@ x_k + i x_{k+d/2}, rotated by exp(i * rel * theta_k)) and takes a full softmax i
 """
 
 import contextlib
-import types
 
 import torch
+
+from . import attention_replaced
 
 
 def dca_positions(pos: torch.Tensor, chunk_size: int, local_window: int):
@@ -62,11 +63,5 @@ def dca_reference(model, chunk_size, local_window, key_real, inv_freq, scaling=1
                             scaling)
         return out, None
 
-    layers = [layer.self_attn for layer in model.model.layers]
-    for attn in layers:
-        attn.forward = types.MethodType(forward, attn)
-    try:
+    with attention_replaced(model, forward):
         yield model
-    finally:
-        for attn in layers:
-            del attn.forward

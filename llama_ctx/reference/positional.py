@@ -9,10 +9,11 @@ definitions, independently of `llama_ctx.attention.engine`; used by the tests an
 
 import contextlib
 import math
-import types
 
 import torch
 from transformers.models.llama.modeling_llama import repeat_kv
+
+from . import attention_replaced
 
 TRAINED = 64  # default training length of the tiny test models (max_position_embeddings)
 
@@ -64,14 +65,8 @@ def dense_reference(model, method, p, key_real, inv_freq, scaling=1.0):
     def forward(attn, hidden_states, position_embeddings=None, attention_mask=None, **kw):
         return dense_attention(attn, hidden_states, kw["position_ids"], key_real, method, p, inv_freq, scaling), None
 
-    layers = [layer.self_attn for layer in model.model.layers]
-    for attn in layers:
-        attn.forward = types.MethodType(forward, attn)
-    try:
+    with attention_replaced(model, forward):
         yield model
-    finally:
-        for attn in layers:
-            del attn.forward
 
 
 def default_inv_freq(d=16, base=10000.0):

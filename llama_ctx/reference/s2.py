@@ -16,10 +16,11 @@ A query sees a key iff both are in the same group and the key comes first (by t;
 from __future__ import annotations
 
 import contextlib
-import types
 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+from . import attention_replaced
 
 
 def s2_visibility(length: int, group: int, shifted: bool, wrap: bool = False) -> torch.Tensor:
@@ -99,11 +100,5 @@ def dense_reference(model, group, wrap=False, mask=None):
     def forward(attn, hidden_states, position_embeddings=None, attention_mask=None, **kw):
         return dense_attention(attn, hidden_states, position_embeddings, kw["position_ids"], group, wrap, mask), None
 
-    layers = [layer.self_attn for layer in model.model.layers]
-    for attn in layers:
-        attn.forward = types.MethodType(forward, attn)
-    try:
+    with attention_replaced(model, forward):
         yield model
-    finally:
-        for attn in layers:
-            del attn.forward
