@@ -24,9 +24,22 @@ from ..data import DataConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
-# TrainingArguments whose old name we accept (LongLoRA recipes and most tutorials use it) and translate
-ALIASES = {"gradient_checkpointing": "activation_checkpointing",
-           "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
+def checkpointing_name() -> str:
+    """TrainingArguments' name for activation checkpointing in the installed transformers ("activation_checkpointing"
+    in recent 5.x, "gradient_checkpointing" before, e.g. 5.18)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
+def aliases() -> dict[str, str]:
+    """Either name of activation checkpointing (LongLoRA recipes use the old one) -> the installed one."""
+    new = checkpointing_name()
+    old = "gradient_checkpointing" if new == "activation_checkpointing" else "activation_checkpointing"
+    return {old: new, f"{old}_kwargs": f"{new}_kwargs"}
 # names users bring from PEFT / LongLoRA, suggested when they appear as unknown keys
 SYNONYMS = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
             "modules_to_save": "trainable", "trainable_params": "trainable", "model_max_length": "seq_len",
@@ -133,8 +146,9 @@ class TrainConfig(Section):
             kw["use_cpu"] = True  # the only device there is: GPU recipes (bf16: true) then start on CPU as they are
         if kw.get("parallelism_config"):
             kw["parallelism_config"] = ParallelismConfig(**kw["parallelism_config"])
-        if kw.get("activation_checkpointing") and not kw.get("activation_checkpointing_kwargs"):
-            kw["activation_checkpointing_kwargs"] = {"use_reentrant": False}  # works with frozen inputs and PEFT
+        ckpt = checkpointing_name()
+        if kw.get(ckpt) and not kw.get(f"{ckpt}_kwargs"):
+            kw[f"{ckpt}_kwargs"] = {"use_reentrant": False}  # works with frozen inputs and PEFT
         try:
             return TrainingArguments(**kw)
         except (ValueError, TypeError) as e:
@@ -217,7 +231,7 @@ def validate(raw: dict) -> TrainConfig:
     section = raw.get("training") if isinstance(raw, dict) else None
     if isinstance(section, dict):
         try:
-            training = training_section().model_validate({ALIASES.get(k, k): v for k, v in section.items()})
+            training = training_section().model_validate({aliases().get(k, k): v for k, v in section.items()})
         except ValidationError as e:
             lines += error_lines(e, prefix=("training",))
     if lines:

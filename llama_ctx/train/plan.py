@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .config import checkpointing_name
+
 GiB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LOSS_CHUNK = 4096  # positions per chunk of the output layer (llama_ctx.train.trainer.LongContextTrainer)
@@ -210,7 +212,7 @@ def setup_from_config(config, model_config) -> Setup:
         arch=Arch.from_config(model_config), seq_len=config.context.seq_len,
         micro_batch=int(tr.get("per_device_train_batch_size", 8)), weight_dtype=config.model.dtype,
         mixed_bf16=bool(tr.get("bf16")) and config.model.dtype == "float32",
-        checkpointing=bool(tr.get("activation_checkpointing")),
+        checkpointing=bool(tr.get(checkpointing_name())),
         s2_group=int(config.context.seq_len * config.s2_attn.group_size_ratio) if config.s2_attn.enabled else None,
         attention="eager" if config.model.attn_implementation == "eager" else "kernel",
         packed_mask=config.model.attn_implementation in ("sdpa", "eager"),
