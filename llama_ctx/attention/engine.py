@@ -242,13 +242,13 @@ def positional_attention(attn, scheme: Scheme, rotary, hidden_states, attention_
                                      bias(plan, a, b, u, z, how), attn.scaling, causal=how == "causal"))
         return _merge(parts)
 
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    outs = []
-    for a in range(0, L, CHUNK):
-        b = min(L, a + CHUNK)
-        # with gradients, recompute each chunk's scores in the backward pass instead of keeping them (L x L in all)
-        outs.append(checkpoint(rows, a, b, use_reentrant=False) if grad else rows(a, b))
-    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        # recompute each chunk's scores in the backward pass instead of keeping them (L x L in all)
+        out = torch.cat([checkpoint(rows, a, min(L, a + CHUNK), use_reentrant=False) for a in range(0, L, CHUNK)], 2)
+    else:
+        out = q.new_empty(q.shape)
+        for a in range(0, L, CHUNK):
+            out[:, :, a:a + CHUNK] = rows(a, min(L, a + CHUNK))
     return attn.o_proj(out.transpose(1, 2).reshape(B, L, -1))
 
 
