@@ -1,7 +1,8 @@
 """Speed and memory of the position-rewriting attention methods, as ratios measured side by side in one run.
 
-    nice python benchmarks/attention.py            # all sections, ~3 minutes on 2 CPU cores
-    nice python benchmarks/attention.py rerope     # one section: rerope, leaky-rerope, self-extend, lambda
+    nice python benchmarks/attention.py            # all sections, ~15 minutes on 2 CPU cores
+    nice python benchmarks/attention.py rerope     # one section: rerope, leaky-rerope, self-extend, lambda, dca
+    nice python benchmarks/attention.py --cpu-time dca   # CPU time of the process instead of wall time
 
 A small random LLaMA (hidden 256, 4 layers, 4 heads, trained window 2048), float32, CPU. Times are the best of
 a few runs; "peak memory" is the growth of the process's peak resident set (Linux VmHWM, reset through
@@ -21,11 +22,13 @@ from llama_ctx.attention.engine import rotate
 from llama_ctx.rope.module import cos_sin
 
 TRAINED = 2048
+clock = time.perf_counter  # `--cpu-time`: time.process_time
 METHODS = {
     "rerope": dict(window=512),
     "leaky-rerope": dict(window=512, factor=16.0),
     "self-extend": dict(group_size=16, window=512),  # covers (2048 - 512) * 16 + 512 = 25088 positions
     "lambda": dict(global_tokens=10),
+    "dca": dict(chunk_size=1536, local_window=128),  # the paper's defaults: 3T/4 and T/16
 }
 
 
@@ -42,9 +45,9 @@ def best_time(fn, runs=2):
     fn()
     times = []
     for _ in range(runs):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return min(times)
 
 
@@ -152,14 +155,39 @@ def lambda_memory_section(lengths=(8192, 16384, 32768)):
               f"(x{peaks[-1] / peaks[0]:.2f} of 8K; length x{n // lengths[0]}), {t:.2f}s")
 
 
+@torch.no_grad()
+def dca_section(lengths=(8192, 16384, 32768)):
+    """DCA beside stock SDPA and ReRoPE: whole-model forward time and one layer's attention-step peak memory."""
+    models = {"stock": model_for_bench(), "rerope": model_for_bench(), "dca": model_for_bench()}
+    for name in ("rerope", "dca"):
+        llama_ctx.patch(models[name], name, **METHODS[name])
+    for n in lengths:
+        x = torch.randint(0, 512, (1, n))
+        rounds = 2 if n <= 8192 else 1
+        times = dict(zip(models, side_by_side([lambda m=m: m(x) for m in models.values()], rounds=rounds)))
+        hidden, pos = torch.randn(1, n, 256), torch.arange(n)[None]
+        peaks = {name: peak_bytes(lambda m=m: layer_step(m, hidden, pos)) / 2**20 for name, m in models.items()}
+        print(f"dca           forward {n // 1024:2d}K: stock SDPA {times['stock']:6.2f}s, rerope "
+              f"{times['rerope'] / times['stock']:.2f}x, dca {times['dca'] / times['stock']:.2f}x | attention-step "
+              f"peak memory: stock {peaks['stock']:6.1f} MiB, rerope {peaks['rerope']:6.1f} MiB, dca "
+              f"{peaks['dca']:6.1f} MiB")
+
+
 if __name__ == "__main__":
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # large blocks go back to the OS when freed: honest peak RSS
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     torch.set_grad_enabled(False)
-    chosen = sys.argv[1:] or list(METHODS)
-    for m in chosen:
+    args = sys.argv[1:]
+    if "--cpu-time" in args:  # CPU time of this process (all threads): less sensitive to other jobs than wall time
+        args.remove("--cpu-time")
+        clock = time.process_time
+    for m in args or list(METHODS):
         if m == "lambda":
             lambda_memory_section()
+            continue
+        if m == "dca":
+            dca_section()
+            decode_section(m)
             continue
         forward_section(m)
         if m != "leaky-rerope":
