@@ -95,21 +95,26 @@ def test_check_fails_on_a_slightly_wrong_ntk_base(monkeypatch):
 
 # ---- found, not fixed here (llama_ctx/attention/engine.py is being reworked elsewhere) -----------------------------
 
-@pytest.mark.xfail(strict=True, reason="engine reads the plain arange transformers fills in for a padded batch "
-                                       "without position_ids (selection reads padding from the mask instead)")
-@pytest.mark.parametrize("name", ["rerope", "self-extend", "lambda"])
-def test_left_padded_batch_without_position_ids_equals_each_row_alone(name):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", ["rerope", "leaky-rerope", "self-extend", "lambda", "dca"])
+def test_left_padded_batch_without_position_ids_equals_each_row_alone(name, attn):
     """The stock model gives each row of a left-padded batch the same logits as the row alone, position_ids or
     not (RoPE depends on differences only). These methods depend on absolute positions (log scale, floor groups,
-    global tokens), so transformers' arange shifts them: 3e-4 / 2e-3 / 0.1 off, with no error."""
-    model = tiny_model()
+    global tokens, chunks), so transformers' arange shifted them (rerope / self-extend / lambda: 3e-4 / 2e-3 / 0.1
+    off, with no error); the engine now numbers each row's real tokens from the mask. A decode step without
+    position_ids continues at the right position too."""
+    model = tiny_model(attn_implementation=attn)
     llama_ctx.patch(model, name, **ATTENTION[name])
-    row = ids(69, seed=5)
-    x = torch.cat([torch.zeros(1, 21, dtype=torch.long), row], 1)
-    mask = (torch.arange(90) >= 21).long()[None]
+    row = ids(70, seed=5)
+    x = torch.cat([torch.zeros(2, 21, dtype=torch.long), torch.cat([row, ids(70, seed=6)])], 1)
+    x[1, :21] = ids(21, seed=7)  # the second row has no padding: a batch of a padded and an unpadded row
+    mask = torch.stack([torch.arange(91) >= 21, torch.ones(91, dtype=torch.bool)]).long()
     with torch.no_grad():
-        torch.testing.assert_close(model(x, attention_mask=mask).logits[:, 21:], model(row).logits,
-                                   atol=1e-5, rtol=0)
+        full = model(x, attention_mask=mask).logits
+        torch.testing.assert_close(full[:1, 21:], model(row).logits, atol=1e-5, rtol=0)
+        out = model(x[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
+        step = model(x[:, -1:], attention_mask=mask, **compat.cache_kwargs(compat.output_cache(out))).logits
+        torch.testing.assert_close(step[:, -1], full[:, -1], atol=1e-5, rtol=0)
 
 
 def test_check_resolves_aliases():

@@ -26,7 +26,8 @@ first key are built once per call). Each call uses the branch's rotated queries 
 log-sum-exp; the partial softmaxes are merged by their log-sum-exp (as in flash attention). The work beyond the
 pairs themselves is about 1.5 x CHUNK keys per query (ReRoPE: ~9% at 8K tokens).
 
-Positions are the per-row `position_ids` of the call (left padding: generate's cumsum of the attention mask);
+Positions are the per-row `position_ids` of the call (left padding: generate's cumsum of the attention mask; a
+padded call without them, or with transformers' plain arange fill-in, numbers each row's real tokens from 0);
 cached keys get the positions just before the first query of the call. Bounds are turned into cache indices with
 each query's own offset (index - position), so within a row positions must grow by one per real token between a
 query and the keys it may see (what a forward and `generate` produce; packed documents with a block mask too);
@@ -174,8 +175,9 @@ def positional_attention(attn, scheme: Scheme, rotary, hidden_states, attention_
     if cache is not None:
         check_cache(cache, attn.layer_idx)
         past = int(cache.get_seq_length(attn.layer_idx))  # a tensor for a static layer
-    if position_ids is None:
-        position_ids = torch.arange(past, past + L, device=hidden_states.device).expand(B, L)
+    fill_in = torch.arange(past, past + L, device=hidden_states.device).expand(B, L)
+    if position_ids is None or torch.equal(position_ids.expand(B, L), fill_in):
+        position_ids = _positions_from_padding(attention_mask, past, L, fill_in)
     position_ids = position_ids.expand(B, L)
     if scheme.check is not None:
         scheme.check(int(position_ids.max()) + 1)
@@ -250,6 +252,20 @@ def positional_attention(attn, scheme: Scheme, rotary, hidden_states, attention_
         for a in range(0, L, CHUNK):
             out[:, :, a:a + CHUNK] = rows(a, min(L, a + CHUNK))
     return attn.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+
+
+def _positions_from_padding(attention_mask, past: int, L: int, fill_in: torch.Tensor) -> torch.Tensor:
+    """Positions of a call that got none (or transformers' plain arange fill-in): each row's real tokens numbered
+    0, 1, ... as `generate()` numbers them. Padding is read from the 4D mask: the keys the last query of a row may
+    see. The stock model does not need this (RoPE sees differences only), but log scaling, floor groups, global
+    tokens and chunks depend on absolute positions, so an arange shifted by the padding would change the result."""
+    if attention_mask is None or attention_mask.dim() != 4:
+        return fill_in
+    last = attention_mask[:, 0, -1, :past + L]
+    real = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
+    if bool(real.all()):
+        return fill_in
+    return (real.long().cumsum(-1) - 1)[:, past:].clamp(min=0)  # padding queries: 0 (their rows are hidden)
 
 
 @dataclass
