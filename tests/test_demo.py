@@ -30,13 +30,14 @@ class CountingBar:
 
     def update(self, n=1):
         self.n += n
+        return True  # as tqdm does when it redraws: the hook must not pass it on as the layer's output
 
 
 def test_layer_progress_calls_back_once_per_layer_per_forward_and_observes_only(model):
     seq = ids(130)[0]
     plain = perplexity(model, seq, [96], max_context=40, context_stride=16)
     calls = []
-    with layer_progress(model, lambda: calls.append(1)) as n_layers:
+    with layer_progress(model, lambda: calls.append(1) or True) as n_layers:  # a value, like tqdm.update
         hooked = perplexity(model, seq, [96], max_context=40, context_stride=16)
     assert n_layers == model.config.num_hidden_layers == 2
     # windows [0, 96) and [96, 130); sub-windows of 40 every 16: starts 0, 16, 32, 48, 64 (ends 40 .. 96), and 0

@@ -18,7 +18,10 @@ def layer_progress(model, callback):
         layers = list(backbone_of(model).layers)
     except UnsupportedModelError:
         layers = []
-    handles = [layer.register_forward_hook(lambda *_: callback()) for layer in layers]
+    def hook(*_):
+        callback()  # and return None: a forward hook that returns something replaces the layer's output
+
+    handles = [layer.register_forward_hook(hook) for layer in layers]
     try:
         yield len(layers)
     finally:
