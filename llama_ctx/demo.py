@@ -114,7 +114,7 @@ def format_table(curves: dict, window: int) -> str:
     first = next(iter(curves.values()))
     heads = [f"{s / 1024:g}-{e / 1024:g}K" if s % 1024 == e % 1024 == 0 else f"{s}-{e}" for s, e, _ in first]
     marks = ["|" if s == window else " " for s, _, _ in first]
-    width = max(len(label) for label in curves) + 2
+    width = max(len("mean loss per position bucket"), *(len(label) for label in curves)) + 2
     def beyond(rows):
         past = [x for s, _, x in rows if s >= window]
         return sum(past) / len(past) if past else float("nan")

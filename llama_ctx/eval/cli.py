@@ -17,7 +17,8 @@ from ..errors import ConfigError
 from ..io import DTYPES
 from .needle import NeedleResult, needle
 from .passkey import PasskeyResult, passkey
-from .perplexity import PerplexityResult, as_token_ids, check_enough, perplexity
+from .perplexity import PerplexityResult, as_token_ids, check_enough, forward_count, perplexity
+from .progress import layer_progress
 from .results import line_style, new_figure, save_figure, write_atomic
 from .specs import STOCK_WINDOW, MethodSpec, parse_depths, parse_length, parse_lengths, parse_methods, \
     with_window_baseline
@@ -178,23 +179,31 @@ def run_eval(args) -> None:
     key = lambda s, n, d: f"{s.label}|{n}" + ("" if d is None else f"|{d}")  # noqa: E731
     todo = [c for c in cells if store.get(key(*c)) is None]
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"eval {args.task}", unit="cell")
-    for spec in specs:
-        mine = [c for c in todo if c[0] is spec]
-        if not mine:
-            continue
-        with spec.applied(model):
-            for _, n, d in mine:
-                if args.task == "ppl":
-                    end = used(n)
-                    data = perplexity(model, ids[:end] if end else ids, [n], stride, args.buckets,
-                                      max_context=spec.max_context(model)).to_dict()
-                elif args.task == "passkey":
-                    data = passkey(model, tokenizer, [n], [d], args.trials, args.seed).cells[0]
-                else:
-                    data = needle(model, tokenizer, haystack, args.needle, args.question, args.answer, [n],
-                                  [d]).cells[0]
-                store.put(key(spec, n, d), spec.label, data)
-                bar.update()
+    inner = tqdm(unit="layer", leave=False)  # moves within a cell: one step per decoder layer of every forward
+    with layer_progress(model, lambda: inner.update(1)) as n_layers:
+        for spec in specs:
+            mine = [c for c in todo if c[0] is spec]
+            if not mine:
+                continue
+            with spec.applied(model):
+                for _, n, d in mine:
+                    inner.set_description(key(spec, n, d))
+                    if args.task == "ppl":
+                        end = used(n)
+                        tokens = ids[:end] if end else ids
+                        inner.reset(total=n_layers * forward_count(len(tokens), n, stride, spec.max_context(model)))
+                        data = perplexity(model, tokens, [n], stride, args.buckets,
+                                          max_context=spec.max_context(model)).to_dict()
+                    elif args.task == "passkey":
+                        inner.reset(total=None)  # generation: as many forwards as tokens generated
+                        data = passkey(model, tokenizer, [n], [d], args.trials, args.seed).cells[0]
+                    else:
+                        inner.reset(total=None)
+                        data = needle(model, tokenizer, haystack, args.needle, args.question, args.answer, [n],
+                                      [d]).cells[0]
+                    store.put(key(spec, n, d), spec.label, data)
+                    bar.update()
+    inner.close()
     bar.close()
     results = collect(args.task, store, [s.label for s in specs])
     write_summary(args.task, results, Path(args.out) / args.task)
