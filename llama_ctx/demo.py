@@ -4,7 +4,10 @@ Loads SmolLM2-135M (LLaMA architecture, 8K trained window) from the GGUF file sh
 tokenizes a long text that ships with Python (no download), and for the stock model and each method measures
 the mean loss per position bucket of one long window: inside the trained window all methods should stay close
 to stock; past it the stock model breaks (loss per 8K bucket of a 32K input: 1.6 / 4.5 / 9.0 / 9.3) and each
-method shows how much of that it repairs. Prints a table, writes JSON and a PNG of loss versus position.
+method shows how much of that it repairs. `stock@window` (shown beside stock) is the yardstick: the stock model
+scoring the same tokens with at most its trained window of context; a method below it past the window used the
+long context, one above it did worse than simply forgetting the distant text. Prints a table, writes JSON and a
+PNG of loss versus position.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import time
 from pathlib import Path
 
 # SmolLM2 breaks on the default text from about 10K tokens, so 14K shows two broken buckets. A 14K forward takes
-# about 90 s on 2 cores: five methods keep the demo near 8 minutes; `--methods all` runs every registered method.
+# about 90 s on 2 cores: five methods keep the demo near 8 minutes, and stock@window adds three forwards of 8K
+# (windows of 8K every 4K); `--methods all` runs every registered method.
 DEFAULT_METHODS = "stock,pi:factor=2,yarn:factor=2,rerope:window=2048,self-extend:group_size=4:window=2048"
 DEFAULT_LENGTH = 14336
 DEFAULT_BUCKET = 2048
@@ -30,6 +34,8 @@ def add_parser(sub) -> None:
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma-separated method specs ('stock' = no patch), or 'all': every method, parameters "
                         "from the sweep grid for this length")
+    p.add_argument("--no-window-baseline", action="store_true",
+                   help="do not add stock@window beside stock (the stock model through windows of its trained length)")
     p.add_argument("--text", default=None, help="text file or folder (default: Python's own documentation)")
     p.add_argument("--out", default="demo_out", help="folder for demo.json and demo.png")
     p.set_defaults(func=run)
@@ -38,8 +44,8 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
-    from .eval.perplexity import perplexity, trained_window
-    from .eval.specs import parse_length, parse_methods
+    from .eval.perplexity import trained_window
+    from .eval.specs import STOCK_WINDOW, parse_length, parse_methods, with_window_baseline
     from .eval.sweep import candidates
     from .eval.text import builtin_long_text, load_text
     from .io import load
@@ -55,17 +61,13 @@ def run(args: argparse.Namespace) -> None:
         for spec in candidates(model, length):  # stock, then each method's grid: keep its first point
             first.setdefault(spec.name, spec)
         specs = list(first.values())
+    specs = [s for s in specs if s.name != STOCK_WINDOW] if args.no_window_baseline else with_window_baseline(specs)
     text = load_text(args.text) if args.text else builtin_long_text(min_chars=8 * length)
     ids = tokenizer(text, return_tensors="pt").input_ids[0, :length]
     print(f"{type(model).__name__}, trained window {window}; evaluating one window of {len(ids)} tokens, "
           f"{len(specs)} methods", flush=True)
-    curves, seconds = {}, {}
-    for spec in tqdm(specs, desc="methods", unit="method"):
-        t = time.perf_counter()
-        with spec.applied(model):
-            result = perplexity(model, ids, [len(ids)], buckets=args.bucket)
-        seconds[spec.label] = time.perf_counter() - t
-        curves[spec.label] = result.bucket_loss[len(ids)]
+    with tqdm(total=0, unit="layer", desc="methods") as bar:
+        curves, seconds = measure(model, ids, specs, args.bucket, bar)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.json").write_text(json.dumps(dict(trained_window=window, length=len(ids), bucket_loss=curves,
@@ -80,30 +82,62 @@ def run(args: argparse.Namespace) -> None:
               f"`llama-ctx sweep --target {length}` to rank parameters on your own text")
 
 
+def measure(model, ids, specs, bucket: int, bar) -> tuple[dict, dict]:
+    """(label -> bucket losses of one window over all of `ids`, label -> seconds) for each spec.
+
+    `bar` (a tqdm, or anything with `total`, `refresh()`, `set_description(text)` and `update(n)`) is given the
+    number of decoder-layer forwards all methods will run and advanced after each one, so it moves every few
+    seconds even when one forward takes minutes.
+    """
+    from .eval.perplexity import forward_count, perplexity
+    from .eval.progress import layer_progress
+
+    curves, seconds = {}, {}
+    with layer_progress(model, lambda: bar.update(1)) as n_layers:
+        bar.total = n_layers * sum(forward_count(len(ids), len(ids), max_context=s.max_context(model)) for s in specs)
+        bar.refresh()
+        for spec in specs:
+            bar.set_description(spec.label)
+            t = time.perf_counter()
+            with spec.applied(model):
+                result = perplexity(model, ids, [len(ids)], buckets=bucket, max_context=spec.max_context(model))
+            seconds[spec.label] = time.perf_counter() - t
+            curves[spec.label] = result.bucket_loss[len(ids)]
+    return curves, seconds
+
+
 def format_table(curves: dict, window: int) -> str:
-    """Mean loss per bucket, one row per method; `|` marks the trained window."""
+    """Mean loss per bucket, one row per method; `|` marks the trained window; 'vs window' is the mean past the
+    window minus stock@window's (negative: the long context helped), where that row is there."""
+    from .eval.specs import STOCK_WINDOW
+
     first = next(iter(curves.values()))
     heads = [f"{s / 1024:g}-{e / 1024:g}K" if s % 1024 == e % 1024 == 0 else f"{s}-{e}" for s, e, _ in first]
     marks = ["|" if s == window else " " for s, _, _ in first]
-    width = max(len(label) for label in curves) + 2
+    width = max(len("mean loss per position bucket"), *(len(label) for label in curves)) + 2
+    def beyond(rows):
+        past = [x for s, _, x in rows if s >= window]
+        return sum(past) / len(past) if past else float("nan")
+
+    yardstick = beyond(curves[STOCK_WINDOW]) if STOCK_WINDOW in curves else None
     lines = [f"{'mean loss per position bucket':<{width}}" + "".join(f"{m}{h:>8}" for m, h in zip(marks, heads))
-             + "   beyond"]
+             + "   beyond" + ("  vs window" if yardstick is not None else "")]
     for label, rows in curves.items():
-        beyond = [x for s, _, x in rows if s >= window]
-        mean_beyond = sum(beyond) / len(beyond) if beyond else float("nan")
         lines.append(f"{label:<{width}}" + "".join(f"{m}{x:>8.2f}" for m, (_, _, x) in zip(marks, rows))
-                     + f"   {mean_beyond:>6.2f}")
-    lines.append(f"('|' = trained window of {window} tokens; 'beyond' = mean over the buckets past it)")
+                     + f"   {beyond(rows):>6.2f}" + (f"  {beyond(rows) - yardstick:>+9.2f}" if yardstick is not None
+                                                     else ""))
+    lines.append(f"('|' = trained window of {window} tokens; 'beyond' = mean over the buckets past it"
+                 + (f"; 'vs window' = beyond minus {STOCK_WINDOW}'s: below 0, the long context helped)"
+                    if yardstick is not None else ")"))
     return "\n".join(lines)
 
 
 def plot(curves: dict, window: int, path: Path) -> None:
-    from .eval.results import new_figure, save_figure
+    from .eval.results import line_style, new_figure, save_figure
 
     fig, ax = new_figure(figsize=(9, 5))
     for label, rows in curves.items():
-        ax.plot([(s + e) / 2 for s, e, _ in rows], [x for _, _, x in rows], marker="o",
-                lw=2.5 if label == "stock" else 1.3, label=label)
+        ax.plot([(s + e) / 2 for s, e, _ in rows], [x for _, _, x in rows], label=label, **line_style(label))
     ax.axvline(window, color="k", ls="--", lw=1, label=f"trained window ({window})")
     ax.set_xlabel("position in the input (tokens)")
     ax.set_ylabel("mean loss (nats / token)")

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ids, tiny_model
+from test_eval_window import allowed_begin, brute_loss
 
 import llama_ctx
 from llama_ctx import ConfigError
@@ -121,6 +122,15 @@ def test_perplexity_result_round_trip_and_plot(model, tmp_path):
     assert res.plot(tmp_path / "r.png").stat().st_size > 1000
 
 
+def reference_losses_by_position(model, seq, label):
+    """(position, loss) of tokens 1.. of one window over all of `seq`, for the method `label` (stock@window: the
+    brute-force windowed reference, trained window 64, sub-window stride 32)."""
+    if label == "stock@window":
+        return [(t, brute_loss(model, seq, allowed_begin(t, 64, 32), t)) for t in range(1, len(seq))]
+    with parse_method_spec(label).applied(model):
+        return reference_token_losses(model, seq, len(seq), len(seq))[0]
+
+
 # ---- passkey ---------------------------------------------------------------------------------------------------
 
 
@@ -230,11 +240,14 @@ def test_specs_and_lengths():
     assert spec.patch_call() == "llama_ctx.patch(model, 'yarn', factor=4, beta_fast=16.5, " \
                                 "original_max_position_embeddings=64)"
     assert parse_method_spec("linear:factor=2").name == "pi"  # aliases resolve
+    assert parse_method_spec(" stock@window ") == llama_ctx.eval.MethodSpec("stock@window")
     for bad, msg in [("8q", "bad length"), ("0", ">= 2"), ("1.3", "whole number")]:
         with pytest.raises(ConfigError, match=msg):
             parse_length(bad)
     for bad, msg in [("pi:factor", "not key=value"), ("yarm:factor=2", "Did you mean 'yarn'"),
-                     ("stock:x=1", "no parameters"), (":factor=2", "no method name")]:
+                     ("stock:x=1", "no parameters"), (":factor=2", "no method name"),
+                     ("stock@window:x=1", "no parameters"), ("stock@8k", "only used in 'stock@window'"),
+                     ("yarn@window", "only used in 'stock@window'"), ("stock@", "only used")]:
         with pytest.raises(ConfigError, match=msg):
             parse_method_spec(bad)
 
@@ -262,15 +275,17 @@ def test_sweep_ranks_grid_against_stock(model, tmp_path, monkeypatch):
     res = sweep(model, seq, 128, methods=["pi", "yarn", "not-registered"], buckets=32)
     labels = [x["label"] for x in res.ranking]
     # r = 128 / 64 = 2: factors r/2 = 1 (dropped: no extension), 2, 4; unregistered methods are skipped
-    assert sorted(labels) == ["pi:factor=2", "pi:factor=4", "stock", "yarn:factor=2", "yarn:factor=4"]
+    assert sorted(labels) == ["pi:factor=2", "pi:factor=4", "stock", "stock@window", "yarn:factor=2",
+                              "yarn:factor=4"]
     beyond = [x["loss_beyond"] for x in res.ranking]
     assert beyond == sorted(beyond)
-    for x in res.ranking:  # loss beyond the trained window, recomputed from the dense reference
-        spec = parse_method_spec(x["label"])
-        with spec.applied(model):
-            scored, _ = reference_token_losses(model, seq, 128, 128)
-        ref = [loss for p, loss in scored if p >= 64]
-        assert x["loss_beyond"] == pytest.approx(sum(ref) / len(ref), rel=1e-5)
+    ref = {}
+    for x in res.ranking:  # loss beyond the trained window, recomputed from the dense / brute-force reference
+        part = [loss for p, loss in reference_losses_by_position(model, seq, x["label"]) if p >= 64]
+        ref[x["label"]] = sum(part) / len(part)
+        assert x["loss_beyond"] == pytest.approx(ref[x["label"]], rel=1e-5)
+    for x in res.ranking:
+        assert x["delta_vs_window"] == pytest.approx(ref[x["label"]] - ref["stock@window"], abs=1e-5)
     assert res.table().splitlines()[-1] == f"best: {res.best['patch']}"
     assert llama_ctx.state(model) is None
     assert res.plot(tmp_path / "s.png").stat().st_size > 1000
@@ -288,8 +303,7 @@ def test_sweep_regions_are_split_at_the_trained_window(model):
     res = sweep(model, seq, 128, methods=["pi"], buckets=48)  # buckets 0-48, 48-96, 96-128: one straddles 64
     assert [(s, e) for s, e, _ in res.ranking[0]["bucket_loss"]] == [(0, 48), (48, 64), (64, 96), (96, 128)]
     for x in res.ranking:
-        with parse_method_spec(x["label"]).applied(model):
-            scored, _ = reference_token_losses(model, seq, 128, 128)
+        scored = reference_losses_by_position(model, seq, x["label"])
         for key, part in (("loss_within", [loss for p, loss in scored if p < 64]),
                           ("loss_beyond", [loss for p, loss in scored if p >= 64])):
             assert x[key] == pytest.approx(sum(part) / len(part), rel=1e-5)
@@ -338,17 +352,25 @@ def test_cli_ppl_two_methods_side_by_side_and_resumable(saved, tmp_path, capsys,
     assert results["stock"]["ppl"]["128"] == pytest.approx(perplexity(model, seq[:128], [128]).ppl[128])
     with llama_ctx.patched(model, "pi", factor=2):
         assert results["pi:factor=2"]["ppl"]["32"] == pytest.approx(perplexity(model, seq[:32], [32]).ppl[32])
-    assert len(list((out / "ppl" / "cells").glob("*.json"))) == 4
-    for f in ("results.csv", "ppl-compare.png", "ppl-stock.png", "ppl-pi_factor=2.png"):
+    # stock@window is added beside stock by default; past the trained window (64) it is the windowed reference
+    assert list(results) == ["stock", "stock@window", "pi:factor=2"] and "stock@window" in table
+    windowed = [loss for _, loss in reference_losses_by_position(model, torch.tensor(seq[:128]), "stock@window")]
+    assert results["stock@window"]["ppl"]["128"] == pytest.approx(math.exp(sum(windowed) / 127), rel=1e-5)
+    assert results["stock@window"]["ppl"]["32"] == results["stock"]["ppl"]["32"]  # within the window: the same
+    assert len(list((out / "ppl" / "cells").glob("*.json"))) == 6
+    for f in ("results.csv", "ppl-compare.png", "ppl-stock.png", "ppl-pi_factor=2.png", "ppl-stock_window.png"):
         assert (out / "ppl" / f).stat().st_size > 0
 
     calls = []
     real = eval_cli.perplexity
-    monkeypatch.setattr(eval_cli, "perplexity", lambda m, t, lengths, *a: calls.append(lengths) or real(m, t, lengths, *a))
+    monkeypatch.setattr(eval_cli, "perplexity",
+                        lambda m, t, lengths, *a, **kw: calls.append(lengths) or real(m, t, lengths, *a, **kw))
     cli(*base, "--lengths", "32,128")  # everything is done already
     assert calls == []
     cli(*base, "--lengths", "32,64,128")  # only the new length is measured, earlier cells are kept
-    assert calls == [[64], [64]]
+    assert calls == [[64], [64], [64]]
+    cli(*base, "--lengths", "32", "--out", tmp_path / "bare", "--no-window-baseline")
+    assert list(json.loads((tmp_path / "bare" / "ppl" / "results.json").read_text())) == ["stock", "pi:factor=2"]
     assert set(json.loads((out / "ppl" / "results.json").read_text())["stock"]["ppl"]) == {"32", "64", "128"}
     with pytest.raises(ConfigError, match="other settings \\(windows differ\\)"):
         cli(*base, "--lengths", "32", "--windows", "2")
@@ -365,6 +387,9 @@ def test_cli_bad_input_fails_before_measuring(saved, tmp_path, monkeypatch):
                        (["--lengths", "32", "--text", tmp_path / "nope.txt"], "does not exist")]:
         with pytest.raises(ConfigError, match=msg):
             cli(*base, *extra)
+    with pytest.raises(ConfigError, match="stock@window is a perplexity yardstick"):
+        cli("eval", "passkey", "--model", path, "--out", tmp_path / "o", "--lengths", "300",
+            "--methods", "stock,stock@window")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "ppl").mkdir()
     (tmp_path / "taken" / "ppl" / "mine.txt").write_text("user data")

@@ -17,9 +17,11 @@ from ..errors import ConfigError
 from ..io import DTYPES
 from .needle import NeedleResult, needle
 from .passkey import PasskeyResult, passkey
-from .perplexity import PerplexityResult, as_token_ids, check_enough, perplexity
-from .results import new_figure, save_figure, write_atomic
-from .specs import MethodSpec, parse_depths, parse_length, parse_lengths, parse_methods
+from .perplexity import PerplexityResult, as_token_ids, check_enough, forward_count, perplexity
+from .progress import layer_progress
+from .results import line_style, new_figure, save_figure, write_atomic
+from .specs import STOCK_WINDOW, MethodSpec, parse_depths, parse_length, parse_lengths, parse_methods, \
+    with_window_baseline
 from .sweep import SweepResult, candidates, split_buckets
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
@@ -51,7 +53,10 @@ def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="perplexity vs length, passkey or needle for several methods side by side")
     p.add_argument("task", choices=tuple(RESULT_TYPES))
     _common(p)
-    p.add_argument("--methods", default="stock", help="e.g. stock,pi:factor=4,yarn:factor=4 ('stock' = no patch)")
+    p.add_argument("--methods", default="stock", help="e.g. stock,pi:factor=4,yarn:factor=4 ('stock' = no patch; "
+                   "'stock@window' = no patch, every token scored with at most the trained window of context)")
+    p.add_argument("--no-window-baseline", action="store_true",
+                   help="ppl: do not add stock@window beside stock (added by default: the yardstick past the window)")
     p.add_argument("--lengths", required=True, help="e.g. 8k,16k,32k (k = 1024)")
     p.add_argument("--out", required=True, help="results folder; re-running with it skips finished cells")
     p.add_argument("--stride", default=None, help="ppl: tokens between window starts (default: the length)")
@@ -135,6 +140,7 @@ def text_hash(text: str) -> str:
 def check_methods(model, specs: list[MethodSpec]) -> None:
     """Patch and unpatch each method once, so a bad parameter fails before any measurement."""
     for spec in specs:
+        spec.max_context(model)  # stock@window: the trained window must be known
         with spec.applied(model):
             pass
 
@@ -143,6 +149,11 @@ def run_eval(args) -> None:
     from tqdm.auto import tqdm
 
     specs, lengths = parse_methods(args.methods), parse_lengths(args.lengths)
+    if args.task != "ppl" and STOCK_WINDOW in [s.name for s in specs]:
+        raise ConfigError(f"{STOCK_WINDOW} is a perplexity yardstick (losses scored through windows); {args.task} "
+                          f"generates from one prompt, so leave it out of --methods (use 'stock')")
+    if args.task == "ppl" and not args.no_window_baseline:
+        specs = with_window_baseline(specs)
     depths = parse_depths(args.depths) if args.task != "ppl" else [None]
     stride = parse_length(args.stride) if args.stride else None
     if args.windows < 0:
@@ -168,34 +179,45 @@ def run_eval(args) -> None:
     key = lambda s, n, d: f"{s.label}|{n}" + ("" if d is None else f"|{d}")  # noqa: E731
     todo = [c for c in cells if store.get(key(*c)) is None]
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"eval {args.task}", unit="cell")
-    for spec in specs:
-        mine = [c for c in todo if c[0] is spec]
-        if not mine:
-            continue
-        with spec.applied(model):
-            for _, n, d in mine:
-                if args.task == "ppl":
-                    end = used(n)
-                    data = perplexity(model, ids[:end] if end else ids, [n], stride, args.buckets).to_dict()
-                elif args.task == "passkey":
-                    data = passkey(model, tokenizer, [n], [d], args.trials, args.seed).cells[0]
-                else:
-                    data = needle(model, tokenizer, haystack, args.needle, args.question, args.answer, [n],
-                                  [d]).cells[0]
-                store.put(key(spec, n, d), spec.label, data)
-                bar.update()
+    inner = tqdm(unit="layer", leave=False)  # moves within a cell: one step per decoder layer of every forward
+    with layer_progress(model, lambda: inner.update(1)) as n_layers:
+        for spec in specs:
+            mine = [c for c in todo if c[0] is spec]
+            if not mine:
+                continue
+            with spec.applied(model):
+                for _, n, d in mine:
+                    inner.set_description(key(spec, n, d))
+                    if args.task == "ppl":
+                        end = used(n)
+                        tokens = ids[:end] if end else ids
+                        inner.reset(total=n_layers * forward_count(len(tokens), n, stride, spec.max_context(model)))
+                        data = perplexity(model, tokens, [n], stride, args.buckets,
+                                          max_context=spec.max_context(model)).to_dict()
+                    elif args.task == "passkey":
+                        inner.reset(total=None)  # generation: as many forwards as tokens generated
+                        data = passkey(model, tokenizer, [n], [d], args.trials, args.seed).cells[0]
+                    else:
+                        inner.reset(total=None)
+                        data = needle(model, tokenizer, haystack, args.needle, args.question, args.answer, [n],
+                                      [d]).cells[0]
+                    store.put(key(spec, n, d), spec.label, data)
+                    bar.update()
+    inner.close()
     bar.close()
-    results = collect(args.task, store)
+    results = collect(args.task, store, [s.label for s in specs])
     write_summary(args.task, results, Path(args.out) / args.task)
     print(format_table(args.task, results))
     print(f"results in {Path(args.out) / args.task}")
 
 
-def collect(task: str, store: CellStore) -> dict:
-    """label -> result object, from every stored cell (this run's and earlier ones')."""
-    grouped: dict[str, list] = {}
+def collect(task: str, store: CellStore, order=()) -> dict:
+    """label -> result object, from every stored cell (this run's and earlier ones'); labels in `order` first, in
+    that order (stock, stock@window, the methods as given), then the others sorted."""
+    grouped: dict[str, list] = {label: [] for label in order}
     for cell in store.all():
         grouped.setdefault(cell["label"], []).append(cell["data"])
+    grouped = {k: v for k, v in grouped.items() if v}
     if task == "ppl":
         return {k: PerplexityResult.merge([PerplexityResult.from_dict(d) for d in v]) for k, v in grouped.items()}
     cls = RESULT_TYPES[task]
@@ -224,8 +246,8 @@ def write_summary(task: str, results: dict, root: Path) -> None:
     for label, r in results.items():
         if task == "ppl":
             n = max(r.ppl)
-            ax.plot([(s + e) / 2 for s, e, _ in r.bucket_loss[n]], [x for _, _, x in r.bucket_loss[n]], marker="o",
-                    label=f"{label} (length {n})")
+            ax.plot([(s + e) / 2 for s, e, _ in r.bucket_loss[n]], [x for _, _, x in r.bucket_loss[n]],
+                    label=f"{label} (length {n})", **line_style(label))
             ax.set_ylabel("mean loss (nats / token)")
             ax.set_xlabel("position in window (tokens)")
         else:
@@ -291,7 +313,8 @@ def run_sweep(args) -> None:
         if data is None:
             try:
                 with spec.applied(model):
-                    data = perplexity(model, ids, [target], buckets=buckets).to_dict()
+                    data = perplexity(model, ids, [target], buckets=buckets,
+                                      max_context=spec.max_context(model)).to_dict()
             except LlamaCtxError as e:
                 data = {"error": f"{type(e).__name__}: {e}"}
             store.put(spec.label, spec.label, data)

@@ -10,6 +10,11 @@ target (no logit predicts it) and the last window may be shorter than `length`.
 
 A token's *position* is its index inside its window (0 .. length-1). Averaging the loss per position bucket shows
 where a model breaks: a stock model's loss jumps right after its trained window, which a single perplexity hides.
+
+`max_context` = M gives the honest yardstick for a long-context method: the same windows, positions and targets,
+but every token predicted from at most M - 1 tokens before it (sub-windows of M tokens inside each window, the
+same guide windowing one level down, see `token_losses`). With M = the trained window this is what the model can
+do without long context; a method whose loss past the window is not below it has not used the extra context.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class PerplexityResult(Result):
     tokens: length -> number of scored tokens.
     stride: length -> stride used.
     trained_window: the model's trained context length (None if unknown), for plots and tables.
+    max_context, context_stride: the sub-windowing of `perplexity(..., max_context=...)`; None without it.
     """
 
     ppl: dict[int, float] = field(default_factory=dict)
@@ -47,6 +53,8 @@ class PerplexityResult(Result):
     tokens: dict[int, int] = field(default_factory=dict)
     stride: dict[int, int] = field(default_factory=dict)
     trained_window: int | None = None
+    max_context: int | None = None
+    context_stride: int | None = None
 
     def rows(self) -> list[dict]:
         return [dict(length=n, ppl=self.ppl[n], tokens=self.tokens[n], stride=self.stride[n], bucket_start=s,
@@ -59,7 +67,8 @@ class PerplexityResult(Result):
         return cls(ppl={int(k): nan_if_none(v) for k, v in d["ppl"].items()},
                    bucket_loss={int(k): [(s, e, nan_if_none(x)) for s, e, x in v] for k, v in d["bucket_loss"].items()},
                    bucket_tokens=ints(d["bucket_tokens"]), tokens=ints(d["tokens"]), stride=ints(d["stride"]),
-                   trained_window=d.get("trained_window"))
+                   trained_window=d.get("trained_window"), max_context=d.get("max_context"),
+                   context_stride=d.get("context_stride"))
 
     @classmethod
     def merge(cls, results: Sequence["PerplexityResult"]) -> "PerplexityResult":
@@ -69,6 +78,7 @@ class PerplexityResult(Result):
             for name in ("ppl", "bucket_loss", "bucket_tokens", "tokens", "stride"):
                 getattr(out, name).update(getattr(r, name))
             out.trained_window = r.trained_window or out.trained_window
+            out.max_context, out.context_stride = r.max_context, r.context_stride
         return out
 
     def _draw(self, ax, label: str = "") -> None:
@@ -166,8 +176,78 @@ def check_enough(n_tokens: int, needed: int, what: str = "the text") -> None:
                           "text (--text) or a shorter length (--lengths)")
 
 
+def check_context(max_context, context_stride) -> tuple[int | None, int | None]:
+    """Validated (max_context, context_stride); context_stride defaults to max_context // 2."""
+    if max_context is None:
+        if context_stride is not None:
+            raise ConfigError("context_stride only applies with max_context; give max_context too, or drop it")
+        return None, None
+    m = check_int("max_context", max_context, ge=2)
+    step = m // 2 if context_stride is None else check_int("context_stride", context_stride)
+    if step >= m:
+        # a sub-window never scores its own first token, so a step of m would leave one token in m unscored
+        raise ConfigError(f"context_stride ({step}) must be < max_context ({m}), or tokens go unscored; "
+                          f"e.g. context_stride={m // 2}")
+    return m, step
+
+
+def sub_windows(n_tokens: int, k: int, max_context: int | None, context_stride: int | None):
+    """(begin, end, k') of the forwards that score the last `k` tokens of a window of `n_tokens`: each scores the
+    last k' tokens of ids[begin:end]. Without max_context one forward over the whole window; with it the guide's
+    windowing of `windows(n_tokens, max_context, context_stride)`, anchored at the window's start (so a token gets
+    the same context whatever `k` is), keeping only the sub-windows that score one of the last `k` tokens."""
+    if max_context is None:
+        yield 0, n_tokens, k
+        return
+    first = n_tokens - k  # index of the first wanted target
+    for begin, end, n_new in windows(n_tokens, max_context, context_stride):
+        scored = min(n_new, end - begin - 1)  # sub-window targets: ids[end - scored:end]
+        if end > first and scored > 0:
+            yield begin, end, min(scored, end - first)
+
+
+def forward_count(n_tokens: int, length: int, stride: int | None = None, max_context=None,
+                  context_stride=None) -> int:
+    """How many model forwards `perplexity(model, ids[:n_tokens], [length], stride, max_context=...)` runs; for
+    progress bars (`layer_progress` counts one step per decoder layer per forward)."""
+    max_context, context_stride = check_context(max_context, context_stride)
+    return sum(1 for begin, end, n_new in windows(n_tokens, length, stride or length)
+               for _ in sub_windows(end - begin, min(n_new, end - begin - 1), max_context, context_stride))
+
+
+def window_losses(model, ids: torch.Tensor, k: int, max_context=None, context_stride=None) -> torch.Tensor:
+    """Float32 losses of the last `k` tokens of the 1-D `ids`, each predicted from at most `max_context - 1`
+    tokens before it (None: from everything before it in `ids`); see `sub_windows`."""
+    return torch.cat([scored_losses(model, ids[begin:end], kk).float()
+                      for begin, end, kk in sub_windows(len(ids), k, max_context, context_stride)])
+
+
 @torch.inference_mode()
-def perplexity(model, token_ids, lengths, stride=None, buckets=None) -> PerplexityResult:
+def token_losses(model, token_ids, max_context=None, context_stride=None) -> torch.Tensor:
+    """Loss of every token of one sequence but the first: a 1-D float32 CPU tensor of len(token_ids) - 1, entry
+    t - 1 the cross-entropy of token t.
+
+    Args:
+        model: a causal LM (patched or not).
+        token_ids: one tokenized text (list, 1-D tensor or (1, n) tensor), at least 2 tokens.
+        max_context: None = one forward over the whole sequence (token t sees all t tokens before it). M = token
+            t is predicted inside a sub-window of M tokens ending at or after it: at most M - 1 tokens of context,
+            and at least M - context_stride once t >= M. M >= the sequence length is the same as None.
+        context_stride: tokens between sub-window starts, 1 <= context_stride < M; default M // 2.
+
+    Cost: with max_context, about len / context_stride forwards of M tokens (twice the tokens of one pass at the
+    default stride, and attention over M instead of len keys); without it, one forward.
+    """
+    ids = as_token_ids(token_ids)
+    check_enough(len(ids), 2, "token_ids")
+    max_context, context_stride = check_context(max_context, context_stride)
+    device = next(model.parameters()).device
+    return window_losses(model, ids.to(device), len(ids) - 1, max_context, context_stride).cpu()
+
+
+@torch.inference_mode()
+def perplexity(model, token_ids, lengths, stride=None, buckets=None, max_context=None,
+               context_stride=None) -> PerplexityResult:
     """Sliding-window perplexity of `token_ids` at each of `lengths`, with the mean loss per position bucket.
 
     Args:
@@ -176,19 +256,25 @@ def perplexity(model, token_ids, lengths, stride=None, buckets=None) -> Perplexi
         lengths: window lengths in tokens.
         stride: tokens between window starts, 1 <= stride <= length; None = length (disjoint windows).
         buckets: bucket width (int) or inner boundaries (list); None = see `bucket_edges`.
+        max_context: None, or M: the windows, targets and positions are unchanged, but each target is predicted
+            from at most M - 1 tokens before it, through sub-windows of M tokens inside its window (see
+            `token_losses`). M = the trained window gives the `stock@window` yardstick.
+        context_stride: tokens between sub-window starts, 1 <= context_stride < M; default M // 2.
 
     Returns:
         PerplexityResult.
 
-    Cost: one forward per window; logits are computed only at the positions that predict scored tokens, a chunk
+    Cost: one forward per window; with max_context about length / context_stride forwards of M tokens per window
+    (`forward_count` says exactly). Logits are computed only at the positions that predict scored tokens, a chunk
     at a time (see `scored_losses`), so memory does not grow with length x vocabulary.
     """
     ids = as_token_ids(token_ids)
     lengths = [check_int("length", n, ge=2) for n in lengths]
     check_enough(len(ids), max(lengths))
+    max_context, context_stride = check_context(max_context, context_stride)
     device = next(model.parameters()).device
     window = trained_window(model)
-    result = PerplexityResult(trained_window=window)
+    result = PerplexityResult(trained_window=window, max_context=max_context, context_stride=context_stride)
     for length in lengths:
         step = length if stride is None else check_int("stride", stride)
         if step > length:
@@ -201,7 +287,7 @@ def perplexity(model, token_ids, lengths, stride=None, buckets=None) -> Perplexi
             k = min(n_new, end - begin - 1)  # scored tokens: the last k of the window
             if k <= 0:
                 continue
-            losses = scored_losses(model, chunk, k).double().cpu()
+            losses = window_losses(model, chunk, k, max_context, context_stride).double().cpu()
             bucket = torch.bucketize(torch.arange(end - begin - k, end - begin), edges[1:-1], right=True)
             loss_sum += torch.bincount(bucket, weights=losses, minlength=len(count))
             count += torch.bincount(bucket, minlength=len(count)).double()

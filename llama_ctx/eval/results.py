@@ -86,6 +86,16 @@ def nan_if_none(x) -> float:
     return float("nan") if x is None else float(x)
 
 
+def line_style(label: str) -> dict:
+    """Matplotlib style of a method's loss curve: stock@window is the reference line (black, dash-dot, no markers,
+    drawn on top), stock is thick, methods are thin with markers."""
+    from .specs import STOCK, STOCK_WINDOW
+
+    if label == STOCK_WINDOW:
+        return dict(color="black", ls="-.", lw=2.2, marker=None, zorder=5)
+    return dict(marker="o", lw=2.5 if label == STOCK else 1.3)
+
+
 def new_figure(figsize=(7.5, 4.5)):
     import matplotlib
 

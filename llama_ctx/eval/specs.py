@@ -1,4 +1,5 @@
-"""Parsing what users type: method specs (`yarn:factor=4:beta_fast=16`, `stock`) and lengths (`8k`, `32768`)."""
+"""Parsing what users type: method specs (`yarn:factor=4:beta_fast=16`, `stock`, `stock@window`) and lengths
+(`8k`, `32768`)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,16 @@ from dataclasses import dataclass, field
 from ..errors import ConfigError
 
 STOCK = "stock"
+# the yardstick: the stock model scoring the same tokens with at most its trained window of context (sliding
+# sub-windows, `perplexity(..., max_context=trained window)`); a method that does not beat it past the window
+# has not used the long context
+STOCK_WINDOW = "stock@window"
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A method and its parameters; `name == "stock"` means no patch."""
+    """A method and its parameters; `name == "stock"` means no patch, `"stock@window"` no patch and every token
+    scored with at most the trained window of context."""
 
     name: str
     params: dict = field(default_factory=dict)
@@ -27,6 +33,8 @@ class MethodSpec:
         """The Python call that applies this method."""
         if self.name == STOCK:
             return f"llama_ctx.unpatch({model})  # stock: no method"
+        if self.name == STOCK_WINDOW:
+            return f"llama_ctx.unpatch({model})  # stock, scored through windows of its trained length"
         args = "".join(f", {k}={v!r}" for k, v in self.params.items())
         return f"llama_ctx.patch({model}, {self.name!r}{args})"
 
@@ -34,7 +42,20 @@ class MethodSpec:
         """Context manager: the model patched with this method (nothing for stock), unpatched on exit."""
         from ..patch import patched
 
-        return contextlib.nullcontext(model) if self.name == STOCK else patched(model, self.name, **self.params)
+        unpatched = self.name in (STOCK, STOCK_WINDOW)
+        return contextlib.nullcontext(model) if unpatched else patched(model, self.name, **self.params)
+
+    def max_context(self, model) -> int | None:
+        """The `max_context` to measure this spec's perplexity with: the trained window for stock@window, else None."""
+        if self.name != STOCK_WINDOW:
+            return None
+        from .perplexity import trained_window
+
+        window = trained_window(model)
+        if window is None:
+            raise ConfigError(f"{STOCK_WINDOW} needs the model's trained window, and its config does not give it "
+                              "(max_position_embeddings); leave stock@window out of --methods")
+        return window
 
 
 def parse_method_spec(text: str) -> MethodSpec:
@@ -43,6 +64,9 @@ def parse_method_spec(text: str) -> MethodSpec:
     from ..registry import get
 
     name, *pairs = text.strip().split(":")
+    if "@" in name and name != STOCK_WINDOW:
+        raise ConfigError(f"method spec {text!r}: '@' is only used in {STOCK_WINDOW!r} (the stock model through "
+                          "windows of its trained length); write stock@window, or a method name without '@'")
     if not name:
         raise ConfigError(f"method spec {text!r} has no method name; write name[:key=value...], e.g. yarn:factor=4")
     params = {}
@@ -54,10 +78,10 @@ def parse_method_spec(text: str) -> MethodSpec:
         if key in params:
             raise ConfigError(f"method spec {text!r} gives {key!r} twice")
         params[key] = parse_value(value.strip())
-    if name == STOCK:
+    if name in (STOCK, STOCK_WINDOW):
         if params:
-            raise ConfigError(f"'stock' takes no parameters, got {text!r}")
-        return MethodSpec(STOCK)
+            raise ConfigError(f"{name!r} takes no parameters, got {text!r}")
+        return MethodSpec(name)
     return MethodSpec(get(name).name, params)
 
 
@@ -71,6 +95,15 @@ def parse_methods(text: str) -> list[MethodSpec]:
     if dup:
         raise ConfigError(f"method(s) {', '.join(dup)} given more than once")
     return specs
+
+
+def with_window_baseline(specs: list[MethodSpec]) -> list[MethodSpec]:
+    """`specs` with stock@window inserted right after stock, where stock is there and stock@window is not."""
+    names = [s.name for s in specs]
+    if STOCK not in names or STOCK_WINDOW in names:
+        return list(specs)
+    i = names.index(STOCK) + 1
+    return [*specs[:i], MethodSpec(STOCK_WINDOW), *specs[i:]]
 
 
 def parse_length(text) -> int:

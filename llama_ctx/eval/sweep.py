@@ -3,7 +3,8 @@
 Each candidate is evaluated like `perplexity(model, text[:target], [target])`; candidates are ranked by the mean
 loss of the tokens at positions >= the trained window (where methods differ; inside it a good method should
 match the stock model, which `loss_within` shows). The grid of each method is derived from r = target / trained
-window (T) and lives in `GRID`, the one place to edit it.
+window (T) and lives in `GRID`, the one place to edit it. Beside stock, `stock@window` (the stock model scoring the
+same tokens with at most T tokens of context) is ranked too: a candidate above it used the long context.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from dataclasses import dataclass, field
 from .. import registry
 from ..errors import ConfigError, LlamaCtxError
 from .perplexity import PerplexityResult, as_token_ids, bucket_edges, check_enough, perplexity, trained_window
-from .results import Result
-from .specs import STOCK, MethodSpec
+from .results import Result, line_style
+from .specs import STOCK, STOCK_WINDOW, MethodSpec
 
 
 def _factors(r: float, T: int, L: int) -> list[dict]:
@@ -53,18 +54,19 @@ GRID = {
 
 
 def candidates(model, target: int, methods=None) -> list[MethodSpec]:
-    """Stock first, then the grid of every method in `methods` (names or MethodSpecs whose parameters are kept
-    fixed in every grid point; default: every registered method of `GRID`). Unregistered names are skipped."""
+    """Stock and stock@window first, then the grid of every method in `methods` (names or MethodSpecs whose
+    parameters are kept fixed in every grid point; default: every registered method of `GRID`). Unregistered names
+    are skipped."""
     T = trained_window(model)
     if T is None:
         raise ConfigError("sweep needs a LLaMA-layout model whose config gives its trained window")
     if target <= T:
         raise ConfigError(f"target ({target}) must exceed the trained window ({T}): there is nothing to extend")
     registry._load_all()
-    specs = [MethodSpec(STOCK)]
+    specs = [MethodSpec(STOCK), MethodSpec(STOCK_WINDOW)]
     for m in (GRID if methods is None else methods):
         spec = m if isinstance(m, MethodSpec) else MethodSpec(m)
-        if spec.name == STOCK:
+        if spec.name in (STOCK, STOCK_WINDOW):
             continue
         if spec.name not in GRID:
             raise ConfigError(f"sweep has no grid for {spec.name!r}; grids exist for {', '.join(GRID)}")
@@ -100,7 +102,8 @@ class SweepResult(Result):
     """Args:
     target: evaluation length; trained_window: the model's.
     ranking: one dict per candidate, best first: rank, method, params, label, ppl, loss_within, loss_beyond,
-        delta_vs_stock (loss_beyond minus stock's), bucket_loss, patch (the call that applies it), error.
+        delta_vs_window (loss_beyond minus stock@window's: negative = the long context helped; NaN without that
+        row), delta_vs_stock (loss_beyond minus stock's), bucket_loss, patch (the call that applies it), error.
     """
 
     target: int
@@ -121,10 +124,11 @@ class SweepResult(Result):
                            loss_beyond=region_loss(r, target, window, True), bucket_loss=r.bucket_loss[target],
                            error="")
             rows.append(row)
-        stock = next((x["loss_beyond"] for x in rows if x["method"] == STOCK), float("nan"))
+        stock, windowed = (next((x["loss_beyond"] for x in rows if x["method"] == name), float("nan"))
+                           for name in (STOCK, STOCK_WINDOW))
         rows.sort(key=lambda x: (math.isnan(x["loss_beyond"]), x["loss_beyond"]))
         for i, x in enumerate(rows, 1):
-            x.update(rank=i, delta_vs_stock=x["loss_beyond"] - stock)
+            x.update(rank=i, delta_vs_window=x["loss_beyond"] - windowed, delta_vs_stock=x["loss_beyond"] - stock)
         return cls(target, window, rows)
 
     @property
@@ -132,14 +136,15 @@ class SweepResult(Result):
         return self.ranking[0]
 
     def rows(self) -> list[dict]:
-        keys = ("rank", "label", "ppl", "loss_within", "loss_beyond", "delta_vs_stock", "patch", "error")
+        keys = ("rank", "label", "ppl", "loss_within", "loss_beyond", "delta_vs_window", "delta_vs_stock", "patch",
+                "error")
         return [{k: x[k] for k in keys} for x in self.ranking]
 
     @classmethod
     def _from_dict(cls, d: dict) -> "SweepResult":
         nan = lambda v: float("nan") if v is None else v  # noqa: E731
-        rows = [{k: nan(v) if k in ("ppl", "loss_within", "loss_beyond", "delta_vs_stock") else v
-                 for k, v in x.items()} for x in d["ranking"]]
+        rows = [{k: nan(v) if k in ("ppl", "loss_within", "loss_beyond", "delta_vs_window", "delta_vs_stock") else v
+                 for k, v in {"delta_vs_window": None, **x}.items()} for x in d["ranking"]]  # None: older files
         return cls(d["target"], d["trained_window"], rows)
 
     def table(self) -> str:
@@ -147,21 +152,24 @@ class SweepResult(Result):
         width = max(len(x["label"]) for x in self.ranking)
         lines = [f"sweep at {self.target} tokens (trained window {self.trained_window}); ranked by mean loss at "
                  f"positions >= {self.trained_window}",
-                 f"{'rank':>4}  {'method':<{width}}  {'ppl':>9}  {'loss<T':>7}  {'loss>=T':>7}  {'vs stock':>8}"]
+                 f"{'rank':>4}  {'method':<{width}}  {'ppl':>9}  {'loss<T':>7}  {'loss>=T':>7}  {'vs window':>9}  "
+                 f"{'vs stock':>8}"]
         for x in self.ranking:
             if x["error"]:
                 lines.append(f"{x['rank']:>4}  {x['label']:<{width}}  error: {x['error']}")
             else:
                 lines.append(f"{x['rank']:>4}  {x['label']:<{width}}  {x['ppl']:>9.3f}  {x['loss_within']:>7.3f}  "
-                             f"{x['loss_beyond']:>7.3f}  {x['delta_vs_stock']:>+8.3f}")
+                             f"{x['loss_beyond']:>7.3f}  {x['delta_vs_window']:>+9.3f}  {x['delta_vs_stock']:>+8.3f}")
         lines.append(f"best: {self.best['patch']}")
         return "\n".join(lines)
 
     def _draw(self, ax) -> None:
-        for x in self.ranking[:8]:
+        # the best 8, and the yardstick wherever it ranks
+        shown = [x for i, x in enumerate(self.ranking) if i < 8 or x["method"] == STOCK_WINDOW]
+        for x in shown:
             if not x["error"]:
                 ax.plot([(s + e) / 2 for s, e, _ in x["bucket_loss"]], [v for _, _, v in x["bucket_loss"]],
-                        marker="o", lw=2.5 if x["method"] == STOCK else 1.2, label=x["label"])
+                        label=x["label"], **line_style(x["label"]))
         ax.axvline(self.trained_window, color="grey", ls="--", lw=1, label="trained window")
         ax.set_xlabel("position in window (tokens)")
         ax.set_ylabel("mean loss (nats / token)")
@@ -197,7 +205,8 @@ def sweep(model, token_ids, target: int, methods=None, buckets=None, progress: b
     for spec in tqdm(specs, desc="sweep", disable=not progress):
         try:
             with spec.applied(model):
-                runs.append((spec, perplexity(model, ids[:target], [target], buckets=inner)))
+                runs.append((spec, perplexity(model, ids[:target], [target], buckets=inner,
+                                              max_context=spec.max_context(model))))
         except LlamaCtxError as e:
             runs.append((spec, f"{type(e).__name__}: {e}"))
     return SweepResult.from_runs(target, trained_window(model), runs)
