@@ -3,7 +3,8 @@
 Importing this package registers the methods.
 """
 
-from . import nope  # noqa: F401  (each import registers its method)
+# each import registers its method
+from . import learned_absolute, multiplicative, nope, recursive, sinusoidal_pe  # noqa: F401
 from .base import PositionMethod
 from .tables import sinusoidal
 

@@ -70,6 +70,15 @@ def rotary_off(patcher, backbone) -> None:
     patcher.set(backbone, "rotary_emb", IdentityRotary(backbone.rotary_emb, head_dim))
 
 
+def sinusoidal_width(backbone, name: str) -> int:
+    """The hidden size, which a sinusoidal table must match; a `ConfigError` (before any change) if it is odd."""
+    hidden = backbone.embed_tokens.weight.shape[-1]
+    if hidden % 2:
+        raise ConfigError(f"{name}: the sinusoidal table needs an even hidden size (sin and cos pairs); this "
+                          f"model's is {hidden}")
+    return hidden
+
+
 def attach(patcher, backbone, module: nn.Module) -> None:
     """Put the method's trainable `module` at `backbone.llama_ctx_position`, on the embeddings' device."""
     weight = backbone.embed_tokens.weight
