@@ -109,7 +109,8 @@ class EmbeddingForward:
 
     @property
     def module(self) -> nn.Module | None:
-        """The method's trainable tensors (`backbone.llama_ctx_position`), if it has any."""
+        """The method's trainable tensors (`backbone.llama_ctx_position`), if it has any; in training, PEFT's
+        `modules_to_save` wrapper around them (methods call it, so the trained copy answers)."""
         return self.backbone._modules.get(MODULE_ATTR)
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, *args, **kwargs):

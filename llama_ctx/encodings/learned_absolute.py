@@ -36,11 +36,26 @@ class LearnedAbsoluteParams:
 
 
 class PositionTable(nn.Module):
-    """The trainable table; `weight[pos]` is added at position `pos`."""
+    """The trainable table; `weight[pos]` is added at position `pos`.
 
-    def __init__(self, weight: torch.Tensor):
+    Read by calling it, so that a PEFT `modules_to_save` wrapper (training) hands the call to its trained copy.
+    """
+
+    def __init__(self, weight: torch.Tensor, name: str):
         super().__init__()
         self.weight = nn.Parameter(weight)
+        self.method = name
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.weight.shape[0]
+        low, high = int(position_ids.min()), int(position_ids.max())
+        if low < 0 or high >= rows:
+            raise ConfigError(
+                f"{self.method}: position {high if high >= rows else low} is outside the table's 0 .. {rows - 1} "
+                f"(max_positions={rows}); positions are never clamped. Patch with max_positions >= {high + 1} "
+                "(new rows start from init and need training) or shorten the input."
+            )
+        return self.weight[position_ids]
 
 
 class LearnedAbsolute(PositionMethod):
@@ -52,19 +67,11 @@ class LearnedAbsolute(PositionMethod):
         else:
             table = torch.zeros(params.max_positions, emb.shape[-1], dtype=torch.float64)
         rotary_off(patcher, backbone)
-        attach(patcher, backbone, PositionTable(table.to(emb.dtype)))
+        attach(patcher, backbone, PositionTable(table.to(emb.dtype), self.name))
         encode_embeddings(patcher, backbone, self, params)
 
     def encode(self, fwd, embeds, position_ids):
-        weight = fwd.module.weight
-        low, high = int(position_ids.min()), int(position_ids.max())
-        if low < 0 or high >= weight.shape[0]:
-            raise ConfigError(
-                f"{self.name}: position {high if high >= weight.shape[0] else low} is outside the table's "
-                f"0 .. {weight.shape[0] - 1} (max_positions={weight.shape[0]}); positions are never clamped. Patch "
-                f"with max_positions >= {high + 1} (new rows start from init and need training) or shorten the input."
-            )
-        return embeds + weight[position_ids].to(embeds.dtype)
+        return embeds + fwd.module(position_ids).to(embeds.dtype)
 
 
 register("learned-absolute", "position", LearnedAbsoluteParams, LearnedAbsolute(),

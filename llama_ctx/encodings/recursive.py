@@ -72,6 +72,12 @@ class Recurrence(nn.Module):
             self._kept = (key, table)
         return table
 
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """p at `position_ids` (called, so that a PEFT `modules_to_save` wrapper hands it to its trained copy)."""
+        if int(position_ids.min()) < 0:
+            raise ConfigError(f"recursive: negative position {int(position_ids.min())}; positions start at 0")
+        return self.positions(int(position_ids.max()) + 1)[position_ids]
+
     def __getstate__(self):  # deepcopy and pickle go through here: a copy recomputes the kept positions
         state = dict(super().__getstate__())
         state["_kept"] = None
@@ -86,10 +92,7 @@ class Recursive(PositionMethod):
         encode_embeddings(patcher, backbone, self, params)
 
     def encode(self, fwd, embeds, position_ids):
-        if int(position_ids.min()) < 0:
-            raise ConfigError(f"{self.name}: negative position {int(position_ids.min())}; positions start at 0")
-        table = fwd.module.positions(int(position_ids.max()) + 1)
-        return embeds + table[position_ids].to(embeds.dtype)
+        return embeds + fwd.module(position_ids).to(embeds.dtype)
 
 
 register("recursive", "position", RecursiveParams, Recursive(),
