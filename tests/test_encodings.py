@@ -115,12 +115,14 @@ def test_saved_and_reapplied_stock_loading_refuses(name, tmp_path):
     torch.testing.assert_close(logits(llama_ctx.unpatch(again), x), logits(tiny_model(), x), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["nope", "learned-absolute"])
-def test_s2_attn_composes_with_embedding_side_encodings(name):
+@pytest.mark.parametrize("name,s2_first", [("nope", True), ("learned-absolute", True), ("sinusoidal", False)])
+def test_s2_attn_composes_with_embedding_side_encodings(name, s2_first):
     """Train mode: position method + S2-attn equals the position method with S2-attn's dense reference."""
     x = ids(96, batch=2)
-    model = llama_ctx.patch(tiny_model(), "s2-attn", group_size_ratio=0.25)  # either order
-    llama_ctx.patch(model, name, **CASES[name][0])
+    steps = [("s2-attn", dict(group_size_ratio=0.25)), (name, CASES[name][0])]
+    model = tiny_model()
+    for method, params in steps if s2_first else steps[::-1]:
+        llama_ctx.patch(model, method, **params)
     got = logits(model.train(), x, use_cache=False)
     want_model = llama_ctx.patch(tiny_model(), name, **CASES[name][0])
     with s2.dense_reference(want_model.train(), 24):
