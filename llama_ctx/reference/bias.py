@@ -2,10 +2,12 @@
 
 Written from the papers, independently of `llama_ctx.encodings`: ALiBi's slopes by the recursive code published with
 the paper (ofirpress/attention_with_linear_biases), T5's buckets by transformers' own
-`T5Attention._relative_position_bucket`. For every row the explicit `[heads, L, L]` bias matrix is built from the
-row's positions, added to q k^T / sqrt(d) of the unrotated projections, masked (causal by index, padding keys
-hidden) and put through a full softmax in float64. `dense_reference` puts it in place of every attention module's
-forward for one model call; used by the tests and by `llama-ctx check`.
+`T5Attention._relative_position_bucket`. `alibi_bias` and `t5_bias` build the explicit `[heads, L, L]` bias matrix
+of each row from its positions; `reference.encodings.dense_logits(..., bias=...)` adds them to the scores of a whole
+LLaMA forward written out in float64. That forward runs without autograd, so `dense_reference` here also puts a
+dense attention (q k^T / sqrt(d) of the unrotated projections + bias, causal and padding mask, full float64
+softmax) in place of every attention module for one model call, with the graph kept: the tests compare the
+gradient that reaches the T5 table with it.
 """
 
 import contextlib
@@ -32,19 +34,19 @@ def alibi_slopes(n: int, max_bias: float = 8.0) -> list[float]:
 
 
 def alibi_bias(pos: torch.Tensor, num_heads: int, max_bias: float = 8.0) -> torch.Tensor:
-    """`[heads, L, L]` float64: bias[h, i, j] = -m_h * (pos_i - pos_j) for one row of positions `pos` (L,)."""
+    """`[..., heads, L, L]` float64: bias[h, i, j] = -m_h * (pos_i - pos_j) for positions `pos` `[..., L]`."""
     m = torch.tensor(alibi_slopes(num_heads, max_bias), dtype=torch.float64)
-    rel = pos[:, None].double() - pos[None, :].double()
-    return -m[:, None, None] * rel
+    rel = pos[..., :, None].double() - pos[..., None, :].double()
+    return -m[:, None, None] * rel[..., None, :, :]
 
 
 def t5_bias(pos: torch.Tensor, table: torch.Tensor, num_buckets: int = 32, max_distance: int = 128) -> torch.Tensor:
-    """`[heads, L, L]` float64: bias[h, i, j] = table[bucket(pos_j - pos_i), h] with T5's causal buckets; gradients
-    reach `table` (`[num_buckets, heads]`)."""
-    relative = pos[None, :].long() - pos[:, None].long()  # memory position - query position, T5's sign
+    """`[..., heads, L, L]` float64: bias[h, i, j] = table[bucket(pos_j - pos_i), h] with T5's causal buckets, for
+    positions `pos` `[..., L]`; gradients reach `table` (`[num_buckets, heads]`)."""
+    relative = pos[..., None, :].long() - pos[..., :, None].long()  # memory position - query position, T5's sign
     bucket = T5Attention._relative_position_bucket(relative, bidirectional=False, num_buckets=num_buckets,
                                                    max_distance=max_distance)
-    return table.double()[bucket].permute(2, 0, 1)
+    return table.double()[bucket].movedim(-1, -3)
 
 
 def dense_attention(attn, hidden, pos, key_real, bias_of):
