@@ -136,6 +136,14 @@ CASES: dict[str, tuple[dict, Callable]] = {  # method -> (params for the tiny mo
     "s2-attn": (dict(group_size_ratio=0.25), _s2),
     "dca": (dict(chunk_size=24, local_window=6), _dca),
     "nope": (dict(), _position(lambda model, p: None)),
+    "sinusoidal": (dict(scale=0.5), _position(lambda model, p: encodings.added(
+        lambda pos: p["scale"] * encodings.sinusoidal_at(pos, TINY["hidden_size"])))),
+    "multiplicative": (dict(scale=0.8), _position(lambda model, p: encodings.multiplied(
+        lambda pos: p["scale"] * encodings.sinusoidal_at(pos, TINY["hidden_size"])))),
+    "learned-absolute": (dict(max_positions=LENGTH + 20, scale=0.3), _position(lambda model, p: encodings.added(
+        lambda pos: model.model.llama_ctx_position.weight.detach().double()[pos]))),
+    "recursive": (dict(width=16), _position(lambda model, p: encodings.added(
+        lambda pos: encodings.recurrent_positions(model.model.llama_ctx_position, int(pos.max()) + 1)[pos]))),
 }
 
 

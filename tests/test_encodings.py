@@ -13,12 +13,29 @@ from transformers import AutoModelForCausalLM
 import llama_ctx
 from conftest import ids, logits, tiny_model
 from llama_ctx.errors import ConfigError, PatchStateError
-from llama_ctx.reference.encodings import dense_logits
+from llama_ctx.reference.encodings import added, dense_logits, multiplied, recurrent_positions, sinusoidal_at
 
 TOL = 1e-5
-CASES = {  # method -> (params, (patched model, params) -> `encode` for dense_logits, or None)
+H = 64  # the tiny model's hidden size
+
+
+def table(model):
+    return model.model.llama_ctx_position.weight.detach().double()
+
+
+CASES = {  # method -> (params, (patched model, params) -> `encode` for dense_logits, or None); no defaults used
     "nope": (dict(), lambda model, p: None),
+    "sinusoidal": (dict(scale=0.5, base=500.0),
+                   lambda model, p: added(lambda pos: p["scale"] * sinusoidal_at(pos, H, p["base"]))),
+    "multiplicative": (dict(scale=0.8, base=1000.0),
+                       lambda model, p: multiplied(lambda pos: p["scale"] * sinusoidal_at(pos, H, p["base"]))),
+    "learned-absolute": (dict(max_positions=120, init="sinusoidal", scale=0.3),
+                         lambda model, p: added(lambda pos: table(model)[pos])),
+    "recursive": (dict(width=16, step=0.02, seed=3),
+                  lambda model, p: added(lambda pos: recurrent_positions(model.model.llama_ctx_position,
+                                                                         int(pos.max()) + 1)[pos])),
 }
+TRAINED = ["learned-absolute", "recursive"]  # methods with tensors at model.model.llama_ctx_position
 
 
 def expected(model, name, x, position_ids=None, attention_mask=None):
@@ -82,6 +99,10 @@ def test_cached_generate_equals_full_forward(name):
 @pytest.mark.parametrize("name", list(CASES))
 def test_saved_and_reapplied_stock_loading_refuses(name, tmp_path):
     model = llama_ctx.patch(tiny_model(), name, **CASES[name][0])
+    if name in TRAINED:  # as if trained: the saved values, not the initial ones, must come back
+        with torch.no_grad():
+            for t in model.model.llama_ctx_position.parameters():
+                t.add_(0.05 * torch.randn_like(t))
     x = ids(90)
     want = logits(model, x)
     model.save_pretrained(tmp_path)
@@ -121,3 +142,69 @@ def test_bad_parameters_leave_the_model_untouched():
     with pytest.raises(ConfigError, match="unknown parameter"):
         llama_ctx.patch(model, "nope", scale=2)
     assert llama_ctx.state(model) is None and torch.equal(logits(model, x), before)
+
+
+def test_learned_absolute_table_starts_as_the_sinusoidal_table_or_zeros():
+    model = llama_ctx.patch(tiny_model(), "learned-absolute", max_positions=70, scale=0.3)
+    torch.testing.assert_close(table(model), 0.3 * sinusoidal_at(torch.arange(70), H), atol=1e-7, rtol=0)
+    assert model.model.llama_ctx_position.weight.requires_grad
+    assert dict(model.named_parameters())["model.llama_ctx_position.weight"] is model.model.llama_ctx_position.weight
+    zeros = llama_ctx.patch(tiny_model(), "learned-absolute", init="zeros")
+    assert table(zeros).shape == (64, H) and not table(zeros).any()  # default max_positions: the trained window
+    x = ids(60)
+    assert torch.equal(logits(zeros, x), logits(llama_ctx.patch(tiny_model(), "nope"), x))  # zeros: exactly NoPE
+
+
+def test_learned_absolute_refuses_positions_past_its_table():
+    model = llama_ctx.patch(tiny_model(), "learned-absolute", max_positions=50)
+    logits(model, ids(50))
+    with pytest.raises(ConfigError, match="position 50 is outside.*max_positions=50.*never clamped"):
+        logits(model, ids(51))
+    with pytest.raises(ConfigError, match="max_positions >= 53"):
+        logits(model, ids(3), position_ids=torch.tensor([[0, 1, 52]]))
+
+
+def test_recursive_inference_keeps_positions_until_parameters_change():
+    model = llama_ctx.patch(tiny_model(), "recursive", width=16)
+    module, x = model.model.llama_ctx_position, ids(70)
+    logits(model, ids(20))  # kept positions 0..19, extended below
+    torch.testing.assert_close(logits(model, x).double(), expected(model, "recursive", x, ), atol=TOL, rtol=0)
+    with torch.no_grad():
+        module.w2.mul_(3.0)  # an in-place update (an optimizer step) invalidates what was kept
+    torch.testing.assert_close(logits(model, x).double(), expected(model, "recursive", x), atol=TOL, rtol=0)
+
+
+def test_left_padded_batch_without_position_ids_is_refused():
+    model = llama_ctx.patch(tiny_model(), "sinusoidal")
+    x, mask = ids(10, batch=2), torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0
+    with pytest.raises(ConfigError, match="left-padded and no position_ids"):
+        logits(model, x, attention_mask=mask)
+    mask[1, :3], mask[1, 7:] = 1, 0  # right padding numbers the real tokens from 0: fine
+    logits(model, x, attention_mask=mask)
+
+
+@pytest.mark.parametrize("name,params,match", [
+    ("sinusoidal", dict(scale=0), "scale must be > 0"), ("sinusoidal", dict(base=1), "base must be > 1"),
+    ("multiplicative", dict(scale="1"), "scale must be a finite number"),
+    ("learned-absolute", dict(init="random"), "init must be one of"),
+    ("learned-absolute", dict(max_positions=0), "max_positions must be >= 1"),
+    ("recursive", dict(width=0), "width must be >= 1"), ("recursive", dict(step=-1.0), "step must be > 0"),
+])
+def test_bad_parameters_are_refused_with_the_model_untouched(name, params, match):
+    model, x = tiny_model(), ids(20)
+    before = logits(model, x)
+    with pytest.raises(ConfigError, match=match):
+        llama_ctx.patch(model, name, **params)
+    assert llama_ctx.state(model) is None and torch.equal(logits(model, x), before)
+
+
+@pytest.mark.parametrize("name", ["sinusoidal", "multiplicative", "learned-absolute"])
+def test_odd_hidden_size_is_refused_for_sinusoidal_tables(name):
+    model = tiny_model()  # transformers validates hidden sizes against heads: give the embedding an odd width
+    model.model.embed_tokens = torch.nn.Embedding(256, 65)
+    rotary = model.model.rotary_emb
+    with pytest.raises(ConfigError, match="even hidden size.*65"):
+        llama_ctx.patch(model, name)
+    assert llama_ctx.state(model) is None and model.model.rotary_emb is rotary and "forward" not in vars(model.model)
+    llama_ctx.patch(model, "learned-absolute", init="zeros")  # a zero table needs no sin/cos pairs

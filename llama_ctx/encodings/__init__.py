@@ -3,7 +3,8 @@
 Importing this package registers the methods.
 """
 
-from . import alibi, nope, t5_bias  # noqa: F401  (each import registers its method)
+# each import registers its method
+from . import alibi, learned_absolute, multiplicative, nope, recursive, sinusoidal_pe, t5_bias  # noqa: F401
 from .alibi import alibi_slopes
 from .base import PositionMethod
 from .t5_bias import relative_position_bucket

@@ -70,6 +70,15 @@ def rotary_off(patcher, backbone) -> None:
     patcher.set(backbone, "rotary_emb", IdentityRotary(backbone.rotary_emb, head_dim))
 
 
+def sinusoidal_width(backbone, name: str) -> int:
+    """The hidden size, which a sinusoidal table must match; a `ConfigError` (before any change) if it is odd."""
+    hidden = backbone.embed_tokens.weight.shape[-1]
+    if hidden % 2:
+        raise ConfigError(f"{name}: the sinusoidal table needs an even hidden size (sin and cos pairs); this "
+                          f"model's is {hidden}")
+    return hidden
+
+
 def attach(patcher, backbone, module: nn.Module) -> None:
     """Put the method's trainable `module` at `backbone.llama_ctx_position`, on the embeddings' device."""
     weight = backbone.embed_tokens.weight
@@ -100,7 +109,8 @@ class EmbeddingForward:
 
     @property
     def module(self) -> nn.Module | None:
-        """The method's trainable tensors (`backbone.llama_ctx_position`), if it has any."""
+        """The method's trainable tensors (`backbone.llama_ctx_position`), if it has any; in training, PEFT's
+        `modules_to_save` wrapper around them (methods call it, so the trained copy answers)."""
         return self.backbone._modules.get(MODULE_ATTR)
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, *args, **kwargs):

@@ -107,3 +107,14 @@ def added(table_at):
 def multiplied(table_at):
     """`encode` for a multiplicative encoding: embeddings * (1 + table_at(positions))."""
     return lambda x, pos: x * (1 + table_at(pos))
+
+
+def recurrent_positions(module, n: int) -> torch.Tensor:
+    """p_0 .. p_{n-1} `[n, H]` float64 of p_{k+1} = p_k + W2 tanh(W1 p_k + b1) + b2, one matrix-vector step at a time
+    from the parameters of a `recursive` method's module."""
+    w1, b1, w2, b2 = (t.detach().double() for t in (module.w1, module.b1, module.w2, module.b2))
+    rows = [module.start.detach().double()]
+    for _ in range(n - 1):
+        p = rows[-1]
+        rows.append(p + torch.mv(w2, torch.tanh(torch.mv(w1, p) + b1)) + b2)
+    return torch.stack(rows)
