@@ -16,6 +16,7 @@ import torch
 
 import llama_ctx
 from conftest import ids, logits, tiny_model
+from train_util import train_cache  # noqa: F401  (fixture)
 from llama_ctx.encodings import alibi_slopes, relative_position_bucket
 from llama_ctx.encodings.alibi import AlibiAttention
 from llama_ctx.errors import ConfigError, PatchStateError, UnsupportedModelError
@@ -272,3 +273,22 @@ def test_refusals_leave_the_model_untouched():
         assert llama_ctx.state(model)["position"]["method"] == "alibi" and len(llama_ctx.state(model)) == 1
     assert torch.equal(logits(llama_ctx.unpatch(model), x), before) and llama_ctx.state(model) is None
     assert not hasattr(model.model, "llama_ctx_position") and math.isfinite(float(before.sum()))
+
+
+def test_t5_table_trains_as_a_peft_modules_to_save_copy(tmp_path, train_cache):  # noqa: F811
+    """The fine-tuning recipe trains the table next to LoRA: the bias is read by calling the table module, so the
+    trained copy inside PEFT's wrapper answers and receives the gradient."""
+    from train_util import tiny_run
+
+    from llama_ctx.train.builtin import tiny_random
+    from llama_ctx.train.config import validate
+    from llama_ctx.train.model import load_base, prepare
+
+    cfg = validate(tiny_run(tmp_path, context={"method": "t5-bias", "params": {"num_buckets": 16}, "seq_len": 128}))
+    peft = prepare(load_base(str(tiny_random()))[0], cfg)
+    wrapper = peft.base_model.model.model.llama_ctx_position
+    trained = wrapper.modules_to_save["default"].relative_attention_bias
+    assert trained.requires_grad and not wrapper.original_module.relative_attention_bias.requires_grad
+    x = ids(100, batch=2)
+    peft(input_ids=x, labels=x).loss.backward()
+    assert trained.grad is not None and trained.grad.abs().sum() > 0

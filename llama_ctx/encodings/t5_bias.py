@@ -62,25 +62,31 @@ class T5BiasParams:
 
 
 class T5Table(torch.nn.Module):
-    """The trainable bias table, attached to the backbone as `llama_ctx_position` (saved with the model)."""
+    """The trainable bias table `[num_buckets, heads]`, attached to the backbone as `llama_ctx_position` (saved with
+    the model). Read by calling it, so that a PEFT `modules_to_save` wrapper (training) hands the call to its trained
+    copy."""
 
     def __init__(self, num_buckets: int, num_heads: int, device=None, dtype=None):
         super().__init__()
         self.relative_attention_bias = torch.nn.Parameter(torch.zeros(num_buckets, num_heads, device=device,
                                                                       dtype=dtype))
 
+    def forward(self, bucket: torch.Tensor) -> torch.Tensor:
+        """`[*bucket.shape, heads]`: the row of each bucket."""
+        return self.relative_attention_bias[bucket]
+
 
 class T5BiasAttention(BiasAttention):
     name = "t5-bias"  # for the forwards' errors
 
     def bias(self, fwd, distance):
-        table = getattr(fwd.backbone, MODULE_ATTR, None)  # read at call time: trained, moved and copied with the model
-        if not isinstance(table, T5Table):
-            raise PatchStateError(f"t5-bias: backbone.{MODULE_ATTR} is not the bias table any more (found a "
-                                  f"{type(table).__name__}); call llama_ctx.unpatch(model) and patch again.")
-        weight = table.relative_attention_bias
+        table = fwd.backbone._modules.get(MODULE_ATTR)  # read at call time: trained, moved and copied with the model
+        if table is None:
+            raise PatchStateError(f"t5-bias: backbone.{MODULE_ATTR} (the bias table) was removed; call "
+                                  "llama_ctx.unpatch(model) and patch again.")
         bucket = relative_position_bucket(-distance, fwd.params.num_buckets, fwd.params.max_distance)
-        return weight[bucket.to(weight.device)].to(distance.device, torch.float32).movedim(-1, 0)
+        rows = table(bucket.to(next(table.parameters()).device))
+        return rows.to(distance.device, torch.float32).movedim(-1, 0)
 
 
 class T5Bias(BiasPosition):
