@@ -62,8 +62,9 @@ class BiasAttention(AttentionMethod):
         before = torch.arange(past, 0, -1, device=position_ids.device)
         key_pos = torch.cat([position_ids[:, :1] - before, position_ids], dim=1)  # (B or 1, T)
         # pairs j > i are masked below; clamping keeps their bias finite and the bias defined on distances >= 0
-        distance = (position_ids[:, :, None] - key_pos[:, None, :]).clamp(min=0)  # (B or 1, L, T)
+        distance = (position_ids[:, :, None] - key_pos[:, None, :]).clamp_(min=0)  # (B or 1, L, T)
         bias = self.bias(fwd, distance).transpose(0, 1)  # (B or 1, heads, L, T)
+        del distance  # (the only other L x T tensor of the call; T5's gather keeps it for its backward)
         mask = _additive(bias, attention_mask, past, q.dtype)
 
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
@@ -98,7 +99,8 @@ class BiasPosition(PositionMethod):
 
 
 def _additive(bias: torch.Tensor, attention_mask, past: int, dtype) -> torch.Tensor:
-    """The float mask `bias` where the attention mask allows a pair, the dtype's minimum elsewhere.
+    """The float mask `bias` where the attention mask allows a pair, the dtype's minimum elsewhere (in place where
+    the shapes allow, so one `[B or 1, heads, L, T]` tensor is all the call holds).
 
     The minimum, not -inf: a row with no visible key (a padding query) then gets a uniform softmax instead of NaN,
     which would reach the real rows through the next layer's keys.
@@ -106,10 +108,13 @@ def _additive(bias: torch.Tensor, attention_mask, past: int, dtype) -> torch.Ten
     L, T = bias.shape[-2:]
     low = torch.finfo(dtype).min
     if attention_mask is None:  # sdpa without padding: the causal pattern by cache index
-        seen = torch.arange(T, device=bias.device) <= past + torch.arange(L, device=bias.device)[:, None]
-        return torch.where(seen, bias, low).to(dtype)
-    attention_mask = attention_mask[..., :T]  # a static cache's mask covers its whole buffer
-    if attention_mask.dtype == torch.bool:
-        return torch.where(attention_mask, bias, low).to(dtype)
-    # an additive float mask (eager): add it, clamped so that min + bias does not overflow to -inf in half precision
-    return (bias + attention_mask.float()).clamp(min=low).to(dtype)
+        allowed = torch.arange(T, device=bias.device) <= past + torch.arange(L, device=bias.device)[:, None]
+    elif attention_mask.dtype == torch.bool:
+        allowed = attention_mask[..., :T]  # a static cache's mask covers its whole buffer
+    else:  # an additive float mask (eager): add it, clamped so that min + bias does not overflow in half precision
+        mask = attention_mask[..., :T].float()
+        in_place = torch.broadcast_shapes(mask.shape, bias.shape) == bias.shape
+        return (bias.add_(mask) if in_place else bias + mask).clamp_(min=low).to(dtype)
+    if torch.broadcast_shapes(allowed.shape, bias.shape) == bias.shape:
+        return bias.masked_fill_(~allowed, low).to(dtype)
+    return torch.where(allowed, bias, low).to(dtype)  # a padding mask per row, a bias shared by the rows

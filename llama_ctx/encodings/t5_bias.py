@@ -84,9 +84,10 @@ class T5BiasAttention(BiasAttention):
         if table is None:
             raise PatchStateError(f"t5-bias: backbone.{MODULE_ATTR} (the bias table) was removed; call "
                                   "llama_ctx.unpatch(model) and patch again.")
-        bucket = relative_position_bucket(-distance, fwd.params.num_buckets, fwd.params.max_distance)
-        rows = table(bucket.to(next(table.parameters()).device))
-        return rows.to(distance.device, torch.float32).movedim(-1, 0)
+        # the bias of each distance that occurs, then one gather into [heads, *distance.shape]: no L x T bucket tensor
+        distances = torch.arange(int(distance.max()) + 1, device=next(table.parameters()).device)
+        rows = table(relative_position_bucket(-distances, fwd.params.num_buckets, fwd.params.max_distance))
+        return rows.to(distance.device, torch.float32).T[:, distance]
 
 
 class T5Bias(BiasPosition):
