@@ -292,3 +292,14 @@ def test_t5_table_trains_as_a_peft_modules_to_save_copy(tmp_path, train_cache): 
     x = ids(100, batch=2)
     peft(input_ids=x, labels=x).loss.backward()
     assert trained.grad is not None and trained.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["alibi", "t5-bias"])
+def test_bfloat16_model_close_to_the_float64_reference(name):
+    """The mask is handed to sdpa in the model dtype; in bfloat16 the logits stay within bfloat16 rounding."""
+    model = patched(name, {})
+    x = ids(120, batch=2)
+    want = dense_logits(model, x, bias=reference_bias(model, name, {}))
+    got = logits(model.to(torch.bfloat16), x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=0)
