@@ -140,10 +140,11 @@ def test_forward_matches_dense_reference_and_unpatch_is_exact(name, params, mode
     assert all("forward" not in vars(layer.self_attn) for layer in model.model.layers)
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", ["alibi", "t5-bias"])
-def test_left_padded_rows_equal_rows_alone(name):
+def test_left_padded_rows_equal_rows_alone(name, impl):
     """With generate's position_ids and without any (the bias needs only differences, which padding keeps)."""
-    model = patched(name, {}, attn_implementation="eager")
+    model = patched(name, {}, attn_implementation=impl)
     row, other = ids(50, seed=5), ids(70, seed=6)
     x = torch.cat([torch.cat([torch.zeros(1, 20, dtype=torch.long), row], 1), other])
     mask = torch.ones_like(x)
