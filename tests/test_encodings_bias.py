@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import llama_ctx
 from conftest import ids, logits, tiny_model
@@ -229,6 +230,8 @@ def test_saved_and_reloaded(tmp_path):
         x = ids(90)
         want = logits(model, x)
         model.save_pretrained(tmp_path / str(i))
+        with pytest.raises(KeyError, match="llama_ctx.from_pretrained"):  # stock loading refuses, not silently RoPE
+            AutoModelForCausalLM.from_pretrained(tmp_path / str(i))
         again = llama_ctx.from_pretrained(tmp_path / str(i)).eval()
         assert llama_ctx.state(again) == llama_ctx.state(model)
         if name == "t5-bias":
