@@ -14,7 +14,7 @@ layer call only and is rebuilt by the next layer (the bias is the same in every 
 than the attention itself and keeps nothing L x L alive between layers). That is heads times what the stock path
 holds per call (a `[B, 1, q, k]` bool mask, or none at all when sdpa can use its causal flag), in the model dtype:
 at 8K tokens, 32 heads, float32: 8 GiB per call, plus an int64 `[B or 1, q, k]` distance matrix. On GPU a float mask
-also keeps sdpa off its flash kernel. Measurements: docs/encodings_bias.md.
+also keeps sdpa off its flash kernel. Measurements: docs/encodings.md.
 
 Cached keys. `position_ids` give the positions of the call's own tokens; cached keys get the positions just before
 the first query of the call, one per token (what a forward followed by `generate` produces). So within a row,
