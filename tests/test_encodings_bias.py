@@ -141,6 +141,15 @@ def test_forward_matches_dense_reference_and_unpatch_is_exact(name, params, mode
     assert all("forward" not in vars(layer.self_attn) for layer in model.model.layers)
 
 
+@pytest.mark.parametrize("name", ["alibi", "t5-bias"])
+def test_a_huge_position_gap(name):
+    """Distances of 10^9: T5 looks up only distances up to max_distance (all farther share its bucket)."""
+    model = patched(name, {})
+    x, pos = ids(20), torch.cat([torch.arange(10), torch.arange(10) + 10**9])[None]
+    want = dense_logits(model, x, pos, bias=reference_bias(model, name, {}))
+    torch.testing.assert_close(logits(model, x, position_ids=pos).double(), want, atol=TOL, rtol=0)
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", ["alibi", "t5-bias"])
 def test_left_padded_rows_equal_rows_alone(name, impl):

@@ -38,7 +38,8 @@ class BiasAttention(AttentionMethod):
     """The attention forward of an additive-bias method; subclasses define `bias`."""
 
     def bias(self, fwd: PatchedForward, distance: torch.Tensor) -> torch.Tensor:
-        """`[heads, *distance.shape]` float32 bias for non-negative integer distances p_i - p_j."""
+        """`[heads, *distance.shape]` float32 bias for non-negative integer distances p_i - p_j (`distance` is the
+        method's to change in place)."""
         raise NotImplementedError
 
     def check_cache(self, cache, layer_idx: int) -> None:
