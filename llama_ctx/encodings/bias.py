@@ -107,6 +107,7 @@ def _additive(bias: torch.Tensor, attention_mask, past: int, dtype) -> torch.Ten
     which would reach the real rows through the next layer's keys.
     """
     L, T = bias.shape[-2:]
+    bias = bias.to(torch.promote_types(bias.dtype, dtype))  # float64 models: their minimum does not fit in float32
     low = torch.finfo(dtype).min
     if attention_mask is None:  # sdpa without padding: the causal pattern by cache index
         allowed = torch.arange(T, device=bias.device) <= past + torch.arange(L, device=bias.device)[:, None]
