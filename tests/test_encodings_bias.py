@@ -274,13 +274,14 @@ def test_refusals_leave_the_model_untouched():
     with pytest.raises(UnsupportedModelError, match="attn_implementation in"):
         llama_ctx.patch(model, "alibi")
     model.config._attn_implementation = "sdpa"
-    llama_ctx.patch(model, "rerope", window=8)
-    with pytest.raises(PatchStateError, match="'rerope' cannot be combined with the position method 't5-bias'"):
-        llama_ctx.patch(model, "t5-bias")
-    llama_ctx.unpatch(model)
+    for method, params in [("rerope", dict(window=8)), ("s2-attn", dict(group_size_ratio=0.25))]:
+        llama_ctx.patch(model, method, **params)
+        with pytest.raises(PatchStateError, match=f"'{method}' cannot be combined with the position method 't5-bias'"):
+            llama_ctx.patch(model, "t5-bias")
+        llama_ctx.unpatch(model)
     llama_ctx.patch(model, "alibi")
     for method, params in [("yarn", dict(factor=2)), ("self-extend", dict(group_size=4, window=8)),
-                           ("t5-bias", {})]:
+                           ("s2-attn", dict(group_size_ratio=0.25)), ("t5-bias", {})]:
         with pytest.raises(PatchStateError):
             llama_ctx.patch(model, method, **params)
         assert llama_ctx.state(model)["position"]["method"] == "alibi" and len(llama_ctx.state(model)) == 1
