@@ -317,3 +317,29 @@ def test_bfloat16_model_close_to_the_float64_reference(name):
     got = logits(model.to(torch.bfloat16), x)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=0)
+
+
+@pytest.mark.slow
+def test_t5_table_trained_by_the_recipe_saved_merged_and_reloaded(tmp_path, train_cache):  # noqa: F811
+    """The fine-tuning recipe end to end (~10 s): the table leaves zero, is in the adapter, the merged model holds
+    it and, reloaded by llama_ctx.from_pretrained, gives base + adapter's logits."""
+    from safetensors import safe_open
+    from train_util import tiny_run
+
+    from llama_ctx.train import run
+    from llama_ctx.train.builtin import tiny_random
+    from llama_ctx.train.merge import merge
+    from llama_ctx.train.model import load_adapter
+
+    out = tmp_path / "run"
+    run(tiny_run(out, context={"method": "t5-bias", "params": {}, "seq_len": 128},
+                 training={"max_steps": 3, "save_steps": 3}))
+    with safe_open(str(out / "adapter_model.safetensors"), framework="pt") as f:
+        (key,) = [k for k in f.keys() if "llama_ctx_position" in k]
+        final = f.get_tensor(key)
+    assert final.abs().max() > 1e-4  # trained away from its zero init
+    reference, _ = load_adapter(tiny_random(), out)
+    again = llama_ctx.from_pretrained(merge("tiny-random", out, tmp_path / "merged")).eval()
+    assert torch.equal(table_of(again), final)
+    x = ids(120)
+    torch.testing.assert_close(logits(again, x), logits(reference.eval(), x), atol=1e-4, rtol=0)
