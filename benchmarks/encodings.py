@@ -1,6 +1,6 @@
 """Cost of the position methods / the stock (RoPE) model, same weights and input, side by side.
 
-    python benchmarks/encodings.py [--lengths 1024,4096] [--repeats 5] [--cpu-time]
+    python benchmarks/encodings.py [--lengths 1024,4096] [--repeats 5] [--cpu-time] [--methods nope,alibi,...]
 
 With --cpu-time, process CPU time instead of wall time (steadier on a loaded machine; run with OMP_NUM_THREADS=1).
 The recurrence alone is timed too: microseconds per position unrolled, without gradients and forward + backward.
@@ -21,7 +21,8 @@ import llama_ctx
 from _util import best_times, small_llama
 
 METHODS = {"nope": {}, "sinusoidal": dict(scale=0.1), "learned-absolute": dict(scale=0.1),
-           "multiplicative": dict(scale=0.1), "recursive": dict(width=64)}
+           "multiplicative": dict(scale=0.1), "recursive": dict(width=64), "alibi": {}, "t5-bias": {}}
+TRAINED = ("learned-absolute", "recursive", "t5-bias", "alibi")  # timed in a training step too
 
 
 def main():
@@ -29,7 +30,9 @@ def main():
     ap.add_argument("--lengths", default="1024,4096")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cpu-time", action="store_true")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the position methods")
     args = ap.parse_args()
+    methods = args.methods.split(",")
     if args.cpu_time:
         time.perf_counter = time.process_time  # best_times reads perf_counter
     model = small_llama()  # one object for all: patch, time, unpatch (patching is timed too; it is cheap)
@@ -48,19 +51,20 @@ def main():
 
     for length in [int(n) for n in args.lengths.split(",")]:
         x = torch.randint(0, model.config.vocab_size, (1, length))
-        infer = {"stock": call("stock", x), **{n: call(n, x) for n in METHODS}}
+        infer = {"stock": call("stock", x), **{n: call(n, x) for n in methods}}
         t = best_times(infer, repeats=args.repeats)
         print(f"inference forward, {length} tokens (best of {args.repeats}; stock {t['stock']:.3f}s; recursive "
               "unrolls every call here)")
-        for name in METHODS:
+        for name in methods:
             print(f"  {name:<22} {t[name] / t['stock']:6.2f}x stock")
-        train = {n: call(n, x, train=True) for n in ("stock", "learned-absolute", "recursive")}
+        train = {n: call(n, x, train=True) for n in ("stock", *(m for m in TRAINED if m in methods))}
         t = best_times(train, repeats=max(2, args.repeats // 2))
         print(f"training step (forward + backward), {length} tokens (stock {t['stock']:.3f}s)")
         for name in list(train)[1:]:
             print(f"  {name:<22} {t[name] / t['stock']:6.2f}x stock")
         model.zero_grad(set_to_none=True)
-        recurrence(model, x, args.repeats)
+        if "recursive" in methods:
+            recurrence(model, x, args.repeats)
 
 
 def recurrence(model, x, repeats):
