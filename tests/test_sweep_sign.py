@@ -43,4 +43,5 @@ def test_delta_vs_window_is_negative_for_a_method_that_beats_the_windowed_stock_
     assert delta == {"rerope:window=16": pytest.approx(-0.5), "stock@window": 0.0, "yarn:factor=2": pytest.approx(0.5),
                      "stock": pytest.approx(2.5)}
     rows = {line.split()[1]: line.split()[-2] for line in res.table().splitlines()[2:-1]}
-    assert rows == {"rerope:window=16": "-0.500", "stock@window": "+0.000", "yarn:factor=2": "+0.500", "stock": "+2.500"}
+    assert rows == {"rerope:window=16": "-0.500", "stock@window": "+0.000", "yarn:factor=2": "+0.500",
+                    "stock": "+2.500"}

@@ -10,6 +10,6 @@ from .text import builtin_long_text, load_text
 
 __all__ = [
     "perplexity", "token_losses", "PerplexityResult", "passkey", "PasskeyResult", "needle", "NeedleResult", "sweep",
-    "SweepResult", "GRID", "MethodSpec", "parse_method_spec", "parse_methods", "parse_length", "parse_lengths", "load_text",
-    "builtin_long_text",
+    "SweepResult", "GRID", "MethodSpec", "parse_method_spec", "parse_methods", "parse_length", "parse_lengths",
+    "load_text", "builtin_long_text",
 ]
