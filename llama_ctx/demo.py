@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 # SmolLM2 breaks on the default text from about 10K tokens, so 14K shows two broken buckets. A 14K forward takes
-# about 90 s on 2 cores: five methods keep the demo near 8 minutes, and stock@window adds three forwards of 8K
-# (windows of 8K every 4K); `--methods all` runs every registered method.
+# about 90 s on 2 cores: five methods keep the demo near 8 minutes, and stock@window adds seven forwards of 8K
+# (windows of 8K every 1K, the default context_stride); `--methods all` runs every registered method.
 DEFAULT_METHODS = "stock,pi:factor=2,yarn:factor=2,rerope:window=2048,self-extend:group_size=4:window=2048"
 DEFAULT_LENGTH = 14336
 DEFAULT_BUCKET = 2048

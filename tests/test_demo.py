@@ -54,10 +54,10 @@ def test_measure_moves_the_bar_within_each_method_and_adds_the_yardstick(model):
     specs = with_window_baseline(parse_methods("stock,pi:factor=2"))
     bar = CountingBar()
     curves, seconds = measure(model, seq, specs, 32, bar)
-    # stock and pi: one forward each; stock@window (window 64, stride 32): [0,64) [32,96) [64,128)
-    assert bar.total == bar.n == 2 * (1 + 3 + 1)
+    # stock and pi: one forward each; stock@window (window 64, default stride 64 // 8): [0,64) [8,72) ... [64,128)
+    assert bar.total == bar.n == 2 * (1 + 9 + 1)
     assert bar.labels == list(curves) == list(seconds) == ["stock", "stock@window", "pi:factor=2"]
-    windowed = [brute_loss(model, seq, allowed_begin(t, 64, 32), t) for t in range(1, 128)]
+    windowed = [brute_loss(model, seq, allowed_begin(t, 64, 8), t) for t in range(1, 128)]
     for (s, e, loss) in curves["stock@window"]:  # positions 1..127 hold windowed[p - 1]
         part = windowed[max(s, 1) - 1:e - 1]
         assert loss == pytest.approx(sum(part) / len(part), abs=1e-5)

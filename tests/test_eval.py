@@ -124,9 +124,9 @@ def test_perplexity_result_round_trip_and_plot(model, tmp_path):
 
 def reference_losses_by_position(model, seq, label):
     """(position, loss) of tokens 1.. of one window over all of `seq`, for the method `label` (stock@window: the
-    brute-force windowed reference, trained window 64, sub-window stride 32)."""
+    brute-force windowed reference, trained window 64, default sub-window stride 64 // 8)."""
     if label == "stock@window":
-        return [(t, brute_loss(model, seq, allowed_begin(t, 64, 32), t)) for t in range(1, len(seq))]
+        return [(t, brute_loss(model, seq, allowed_begin(t, 64, 8), t)) for t in range(1, len(seq))]
     with parse_method_spec(label).applied(model):
         return reference_token_losses(model, seq, len(seq), len(seq))[0]
 
