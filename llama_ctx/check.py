@@ -4,8 +4,10 @@ On tiny random models, with whatever is installed, every registered method is co
 reference, the definitions in `llama_ctx.reference` that the test suite uses too:
 
 * forward: logits past the trained window against the reference (rope methods: transformers' own rope types, or
-  closed forms where transformers has none; attention methods: their dense definitions);
-* generate: cached greedy `generate()` against recomputing every step without a cache (attention methods), or
+  closed forms where transformers has none; attention methods: their dense definitions; position methods: a dense
+  float64 forward with the encoding written in);
+* generate: cached greedy `generate()` against recomputing every step without a cache (attention and position
+  methods), or
   against transformers' native dynamic rope (dynamic-ntk);
 * unpatch: logits after `unpatch` are bit-identical to those before `patch`.
 
@@ -24,7 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from . import registry
 from .patch import patch, unpatch
-from .reference import dca, positional, rope, s2, selection, streaming
+from .reference import dca, encodings, positional, rope, s2, selection, streaming
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=256, max_position_embeddings=64)
@@ -110,6 +112,12 @@ def _s2(model, p):
     return out
 
 
+def _position(encode):
+    """Position methods: the dense float64 forward with the encoding written in (`encode(patched model, params)`);
+    computed while the method is applied, since a trained table lives on the patched model."""
+    return lambda model, p: encodings.dense_logits(model, ids(LENGTH), encode=encode(model, p)).float()
+
+
 TRAIN_MODE = {"s2-attn"}  # methods whose forward row is computed in train mode (eval mode is the stock model)
 _NATIVE = {name: (params, native) for name, params, native in rope.NATIVE if name != "linear"}
 CASES: dict[str, tuple[dict, Callable]] = {  # method -> (params for the tiny model, reference)
@@ -127,6 +135,15 @@ CASES: dict[str, tuple[dict, Callable]] = {  # method -> (params for the tiny mo
     "streaming": (dict(window=16), _streaming),
     "s2-attn": (dict(group_size_ratio=0.25), _s2),
     "dca": (dict(chunk_size=24, local_window=6), _dca),
+    "nope": (dict(), _position(lambda model, p: None)),
+    "sinusoidal": (dict(scale=0.5), _position(lambda model, p: encodings.added(
+        lambda pos: p["scale"] * encodings.sinusoidal_at(pos, TINY["hidden_size"])))),
+    "multiplicative": (dict(scale=0.8), _position(lambda model, p: encodings.multiplied(
+        lambda pos: p["scale"] * encodings.sinusoidal_at(pos, TINY["hidden_size"])))),
+    "learned-absolute": (dict(max_positions=LENGTH + 20, scale=0.3), _position(lambda model, p: encodings.added(
+        lambda pos: model.model.llama_ctx_position.weight.detach().double()[pos]))),
+    "recursive": (dict(width=16), _position(lambda model, p: encodings.added(
+        lambda pos: encodings.recurrent_positions(model.model.llama_ctx_position, int(pos.max()) + 1)[pos]))),
 }
 
 
@@ -161,10 +178,12 @@ def check_method(name: str) -> list[Row]:
     before = logits(model, ids(LENGTH))
     patch(model, name, **params)
     got = logits(model.train(name in TRAIN_MODE), ids(LENGTH), use_cache=False)
+    want = reference(model.eval(), dict(params)) if m.kind == "position" else None
     unpatch(model.eval())
     after = logits(model, ids(LENGTH))
-    rows = [Row(name, "forward", _max_error(got, reference(model, dict(params))), True)]
-    if m.kind == "attention" or m.dynamic:
+    want = reference(model, dict(params)) if want is None else want
+    rows = [Row(name, "forward", _max_error(got, want), True)]
+    if m.kind in ("attention", "position") or m.dynamic:
         rows.append(_generate_rows(name, m.kind, params))
     rows.append(Row(name, "unpatch", _max_error(before, after), torch.equal(before, after)))
     for row in rows:

@@ -27,6 +27,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _STATE_ATTR = "_llama_ctx_state"
 CONFIG_KEY = "llama_ctx"  # config entry that records what is applied (saved by save_pretrained)
 WRITTEN = frozenset({"rope_parameters", CONFIG_KEY})  # the config fields llama_ctx writes while patched
+# The rope_type saved while a position method is applied: transformers has no rope type that turns rotary off, so a
+# stock `from_pretrained` of the folder fails on this name (KeyError) instead of silently loading a RoPE model.
+POSITION_ROPE_TYPE = "llama_ctx-position-method: load with llama_ctx.from_pretrained"
 
 
 class Patcher:
@@ -103,7 +106,8 @@ class Applied:
 
 @dataclass
 class PatchState:
-    """What llama_ctx applied to one model: at most one rope and one attention method."""
+    """What llama_ctx applied to one model: at most one rope, one attention and one position method (a position
+    method turns rotary off, so never together with a rope method)."""
 
     spec: RopeSpec  # the model's rotary embedding as the methods see it (`.unscaled()` after replace_native=True)
     original_rope_parameters: dict
@@ -147,7 +151,7 @@ def backbone_of(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def state(model) -> dict | None:
-    """What llama_ctx applied to `model`: `{"rope": {...}, "attention": {...}}` (only the kinds applied), or None."""
+    """What llama_ctx applied: `{"rope" | "position": {...}, "attention": {...}}` (the kinds applied), or None."""
     st = _get_state(backbone_of(model))
     if st is None or not st.applied:
         return None
@@ -194,8 +198,10 @@ def patch(model, method: str, *, replace_native: bool = False, **params):
     st = _get_state(backbone)
     spec = st.spec if st else RopeSpec.from_config(backbone.config)
     if registry.check_flag("replace_native", replace_native) and m.kind != "rope":
-        raise ConfigError(f"replace_native=True is for rope methods; {m.name!r} is an attention method, which keeps "
-                          "the model's own (native) rope scaling.")
+        raise ConfigError(f"replace_native=True is for rope methods; {m.name!r} is an {m.kind} method, which "
+                          + ("keeps the model's own (native) rope scaling." if m.kind == "attention" else
+                             "turns rotary off altogether."))
+    _check_position(m, st)
     replace_native = replace_native and spec.scaled  # nothing to replace on a model without native scaling
     if m.kind == "rope" and spec.scaled:
         _check_replace_native(m, spec, replace_native, st)
@@ -210,7 +216,8 @@ def patch(model, method: str, *, replace_native: bool = False, **params):
     attention = (st.applied["attention"] if st and "attention" in st.applied else None)
     if m.kind == "attention":
         m.impl.validate(p, ctx)
-    if attention is not None or m.kind == "attention":
+    position = m.kind == "position" or bool(st and "position" in st.applied)  # then rotary is off: no rope conflict
+    if (attention is not None or m.kind == "attention") and not position:
         att_method, att_params = (m, p) if m.kind == "attention" else (attention.method, attention.params)
         rope = m if m.kind == "rope" else (st.applied["rope"].method if st and "rope" in st.applied else None)
         native = rope is None and spec.scaled  # then the attention method rotates with the model's own scaling
@@ -232,6 +239,8 @@ def patch(model, method: str, *, replace_native: bool = False, **params):
         if m.kind == "rope":
             rotary = RotaryEmbedding(m.impl, p, spec, dynamic=m.dynamic, original=backbone.rotary_emb)
             patcher.set(backbone, "rotary_emb", rotary)
+        elif m.kind == "position":
+            m.impl.apply(patcher, model, backbone, p)
         else:
             m.impl.apply(p, ctx, patcher)
         st.applied[m.kind] = Applied(m, p, patcher, replace_native)
@@ -263,6 +272,28 @@ def unpatch(model):
     _carry_back_edits(*st.configs)
     object.__delattr__(backbone, _STATE_ATTR)
     return model
+
+
+def _check_position(m, st: PatchState | None) -> None:
+    """Refuse a position method with a rope method (rotary is off) or with an attention method it does not list."""
+    applied = st.applied if st else {}
+    position = m if m.kind == "position" else (applied["position"].method if "position" in applied else None)
+    if position is None:
+        return
+    if "rope" in applied or m.kind == "rope":
+        rope = m if m.kind == "rope" else applied["rope"].method
+        raise PatchStateError(
+            f"the position method {position.name!r} turns rotary off, so the rope method {rope.name!r} cannot be "
+            f"combined with it; call llama_ctx.unpatch(model) and apply one of the two."
+        )
+    attention = m if m.kind == "attention" else (applied["attention"].method if "attention" in applied else None)
+    if attention is not None and attention.name not in position.impl.compatible_attention:
+        ok = ", ".join(sorted(position.impl.compatible_attention)) or "none"
+        raise PatchStateError(
+            f"the attention method {attention.name!r} cannot be combined with the position method {position.name!r}: "
+            f"it is defined on rotary positions, which {position.name!r} turns off (attention methods that work with "
+            f"{position.name!r}: {ok}); call llama_ctx.unpatch(model) and apply one of the two."
+        )
 
 
 def _check_replace_native(m, spec: RopeSpec, replace_native: bool, st: PatchState | None) -> None:
@@ -329,6 +360,8 @@ def _write_config(config, st: PatchState) -> None:
     if native is not None:
         keep = {k: v for k, v in rope_parameters.items() if k in ("rope_theta", "partial_rotary_factor")}
         rope_parameters = {**keep, **native}
+    if "position" in st.applied:
+        rope_parameters = {**rope_parameters, "rope_type": POSITION_ROPE_TYPE}
     config.rope_parameters = rope_parameters
     entry = {kind: {**a.describe(), "native": kind == "rope" and native is not None} for kind, a in st.applied.items()}
     if entry:

@@ -16,7 +16,8 @@ from typing import Any, Callable, Literal
 
 from .errors import ConfigError
 
-Kind = Literal["rope", "attention"]
+Kind = Literal["rope", "attention", "position"]
+KINDS = ("rope", "attention", "position")  # also the order `from_pretrained` re-applies them in
 TRAINED_WINDOW = "trained_window"  # `from_model` key: the model's trained context length
 
 
@@ -26,7 +27,7 @@ class Method:
     kind: Kind
     params: type  # a dataclass
     description: str
-    impl: Any  # rope: frequency function; attention: an `AttentionMethod` (see attention/base.py)
+    impl: Any  # rope: frequency function; attention: an `AttentionMethod`; position: a `PositionMethod`
     aliases: tuple[str, ...] = ()
     native: Callable | None = None  # (params, spec) -> native transformers `rope_parameters`, or None
     dynamic: bool = False  # rope: frequencies depend on the current sequence length
@@ -39,15 +40,15 @@ _ALIASES: dict[str, str] = {}
 def register(name: str, kind: Kind, params: type, impl: Any, description: str, aliases=(), native=None,
              dynamic=False) -> Method:
     """Add a method. Rejects duplicate names, unknown kinds and non-dataclass parameter types."""
-    if kind not in ("rope", "attention"):
-        raise ValueError(f"kind must be 'rope' or 'attention', got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if not dataclasses.is_dataclass(params):
         raise TypeError(f"params of {name!r} must be a dataclass")
     for n in (name, *aliases):
         if n in _METHODS or n in _ALIASES:
             raise ValueError(f"method name {n!r} is already registered")
     method = Method(name, kind, params, description.strip(), impl, tuple(aliases), native, dynamic)
-    if kind == "attention":
+    if kind in ("attention", "position"):
         impl.name = name  # for its error messages
     _METHODS[name] = method
     _ALIASES.update({a: name for a in aliases})
@@ -56,7 +57,7 @@ def register(name: str, kind: Kind, params: type, impl: Any, description: str, a
 
 def _load_all() -> None:
     # Importing the subpackages runs their `register(...)` lines.
-    from . import attention, rope  # noqa: F401
+    from . import attention, encodings, rope  # noqa: F401
 
 
 def get(name: str) -> Method:

@@ -21,6 +21,8 @@ PARAMS = {
     "lambda": dict(global_tokens=4, local_window=16), "streaming": dict(window=16),
     "topk": dict(k=3, local_window=16), "block-topk": dict(block_size=4, k_blocks=2, local_window=10),
     "s2-attn": dict(group_size_ratio=0.25), "dca": dict(chunk_size=24, local_window=6),
+    "nope": dict(), "sinusoidal": dict(scale=0.5), "multiplicative": dict(), "recursive": dict(width=16),
+    "learned-absolute": dict(max_positions=80),
 }
 ATTENTION = [m["name"] for m in llama_ctx.methods() if m["kind"] == "attention"]
 # every method alone, the rope method "yarn" applied before each attention method, and after two of them

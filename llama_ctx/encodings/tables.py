@@ -16,11 +16,17 @@ def sinusoidal(num_positions: int, dim: int, base: float = 10000.0, dtype: torch
     divides by zero at i = 0 and 1).
     """
     num_positions = check_int("num_positions", num_positions, ge=0)
+    return sinusoidal_at(torch.arange(num_positions), dim, base).to(dtype)
+
+
+def sinusoidal_at(positions: torch.Tensor, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """The rows of `sinusoidal` at `positions` (any shape, any non-negative values): float64 `[*positions.shape, dim]`
+    on the positions' device, so a patched model needs no table of a fixed length."""
     dim = check_int("dim", dim)
     base = check_number("base", base, gt=1.0)
     if dim % 2:
         raise ConfigError(f"dim must be even (sin and cos share each frequency), got {dim}; use dim={dim + 1} "
                           f"and drop the last column if you need {dim}")
-    inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # [dim/2]: 1 / base^(2i/dim)
-    angle = torch.arange(num_positions, dtype=torch.float64)[:, None] * inv_freq[None]
-    return torch.stack([angle.sin(), angle.cos()], dim=-1).reshape(num_positions, dim).to(dtype)
+    inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim)  # 1/base^(2i/d)
+    angle = positions.to(torch.float64)[..., None] * inv_freq
+    return torch.stack([angle.sin(), angle.cos()], dim=-1).reshape(*positions.shape, dim)

@@ -104,14 +104,23 @@ def check(config: TrainConfig, device: str | None = None) -> Checked:
             method = registry.get(ctx.method)
         except LlamaCtxError as e:
             raise ConfigError(f"context.method: {e}") from None
-        if method.kind != "rope":
+        if method.kind == "attention":
             raise ConfigError(f"context.method: {ctx.method!r} is an attention method; the fine-tuning entry point "
-                              "trains rope (frequency) methods (pi, ntk, yarn, llama3, ...); S2-attn is set under "
-                              "s2_attn")
+                              "trains rope (frequency) and position methods (pi, yarn, ..., learned-absolute, "
+                              "sinusoidal, ...); S2-attn is set under s2_attn")
         try:
             params = registry.make_params(method, {registry.TRAINED_WINDOW: window}, **ctx.params)
         except LlamaCtxError as e:
             raise ConfigError(f"context.params: {e}") from None
+        rows = getattr(params, "max_positions", None)
+        if rows is not None and rows < ctx.seq_len:
+            raise ConfigError(f"context.params.max_positions: {rows} table rows do not cover seq_len {ctx.seq_len} "
+                              f"(positions past the table are an error, never clamped); use max_positions >= "
+                              f"{ctx.seq_len}")
+        if method.kind == "position" and config.s2_attn.enabled \
+                and "s2-attn" not in method.impl.compatible_attention:
+            raise ConfigError(f"s2_attn.enabled: S2-attn is not combined with the position method {ctx.method!r} "
+                              "(see docs/encodings.md); set s2_attn.enabled: false")
         factor = getattr(params, "factor", None)
         base_window = getattr(params, "original_max_position_embeddings", None) or window
         if factor is not None and factor * base_window < ctx.seq_len:

@@ -61,8 +61,10 @@ class ModelSection(Section):
 
 
 class ContextSection(Section):
-    method: str | None = Field(None, description="a llama_ctx rope method (pi, ntk, yarn, llama3, ...); None "
-                                                 "keeps the model's own RoPE (seq_len must then fit its window)")
+    method: str | None = Field(None, description="a llama_ctx rope method (pi, ntk, yarn, llama3, ...) or position "
+                                                 "method (learned-absolute: its table is trained, sinusoidal, nope, "
+                                                 "...); None keeps the model's own RoPE (seq_len must then fit its "
+                                                 "window)")
     params: dict[str, Any] = Field(default_factory=dict, description="the method's parameters, e.g. {factor: 4}")
     seq_len: int = Field(gt=1, description="training sequence length (packed rows of this many tokens)")
 

@@ -6,6 +6,9 @@ or norms. Here the rope method recorded in the adapter folder is applied to the 
 the adapter is loaded, so the merged model's config carries native `rope_parameters`; LoRA and the fully trained
 modules (`modules_to_save`, tied `lm_head` included) are merged by PEFT's `merge_and_unload`. Before the result
 replaces anything, it is reloaded from disk and its logits compared with the in-memory base + adapter + patch.
+A position method (e.g. learned-absolute) is applied the same way; its trained table is one of the
+`modules_to_save`, so the merged model holds it, and the merge is reloaded with `llama_ctx.from_pretrained` (stock
+transformers refuses such a folder instead of loading it without its encoding).
 
 The output is written to a temporary folder next to `--out` and renamed into place; an existing `--out` is replaced
 only with `--force`, and only once the new model is complete and verified.
@@ -20,9 +23,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from ..patch import patch
 from .builtin import resolve_model_path
-from .model import adapter_context, load_base
+from .model import adapter_context, apply_recorded, load_base
 
 VERIFY_TOKENS = 64
 
@@ -51,8 +53,7 @@ def merge(base, adapter, out, force: bool = False, dtype: str | None = None, ggu
     base_path, gguf_file = resolve_model_path(str(base), gguf_file)
     model, tokenizer = load_base(base_path, gguf_file, dtype or _base_dtype(base_path, gguf_file))
     model.eval()
-    if "rope" in entry:
-        patch(model, entry["rope"]["method"], **entry["rope"]["params"])
+    apply_recorded(model, entry)
     peft_model = PeftModel.from_pretrained(model, str(adapter))
     probe = _probe_ids(model.config.vocab_size)
     with torch.no_grad():
@@ -69,7 +70,8 @@ def merge(base, adapter, out, force: bool = False, dtype: str | None = None, ggu
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if verify:
-            _verify(tmp, probe, expected, native=entry.get("rope", {}).get("native", True))
+            native = "position" not in entry and entry.get("rope", {}).get("native", True)
+            _verify(tmp, probe, expected, native=native)
         _swap(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

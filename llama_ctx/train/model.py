@@ -80,18 +80,27 @@ def _as_dense(model, path) -> None:
 
 
 def lora_config(config: TrainConfig, model):
-    """The PEFT `LoraConfig` of the recipe (LoRA on `lora.target_modules`, `lora.trainable` trained fully)."""
+    """The PEFT `LoraConfig` of the recipe (LoRA on `lora.target_modules`, `lora.trainable` trained fully).
+
+    A position method's trainable tensors (`llama_ctx_position`, e.g. learned-absolute's table) are trained fully
+    too: as `modules_to_save`, so PEFT saves them in every checkpoint, restores them on resume and `load_adapter`,
+    and `merge_and_unload` puts the trained copy in the merged model.
+    """
     from peft import LoraConfig
+
+    from ..encodings.base import MODULE_ATTR
 
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     trainable = list(config.lora.trainable)
+    has_position = any(name.split(".")[-1] == MODULE_ATTR for name, _ in model.named_modules())
+    modules_to_save = trainable + ([MODULE_ATTR] if has_position and MODULE_ATTR not in trainable else [])
     return LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                      target_modules=list(config.lora.target_modules), modules_to_save=trainable or None,
+                      target_modules=list(config.lora.target_modules), modules_to_save=modules_to_save or None,
                       task_type="CAUSAL_LM", ensure_weight_tying=tied and "embed_tokens" in trainable)
 
 
 def apply_context(model, config: TrainConfig):
-    """Patch `model` (plain or PEFT-wrapped) with the rope method and, if enabled, S2-attn; returns it."""
+    """Patch `model` (plain or PEFT-wrapped) with the rope or position method and, if enabled, S2-attn."""
     if config.context.method:
         patch(model, config.context.method, **config.context.params)
     if config.s2_attn.enabled:
@@ -144,11 +153,19 @@ def adapter_context(adapter_dir) -> dict:
     return entry
 
 
+def apply_recorded(model, entry: dict) -> None:
+    """Apply the rope or position method recorded in a `llama_ctx` config entry (what training applied first)."""
+    for kind in ("rope", "position"):
+        if kind in entry:
+            patch(model, entry[kind]["method"], **entry[kind]["params"])
+
+
 def load_adapter(base, adapter_dir, trainable: bool = False, **load_kw):
     """Base model (a folder or a loaded model) + the adapter at `adapter_dir`, patched as in training.
 
-    The rope method (and any attention method other than S2-attn, which is a training-time method) recorded in the
-    adapter's config.json is applied to the base first, exactly as `prepare` did before training.
+    The rope or position method (and any attention method other than S2-attn, which is a training-time method)
+    recorded in the adapter's config.json is applied to the base first, exactly as `prepare` did before training;
+    PEFT then loads a position method's trained tensors with the other `modules_to_save`.
     """
     from peft import PeftModel
 
@@ -156,8 +173,7 @@ def load_adapter(base, adapter_dir, trainable: bool = False, **load_kw):
     tokenizer = None
     if not hasattr(base, "forward"):
         base, tokenizer = load_base(str(base), **load_kw)
-    if "rope" in entry:
-        patch(base, entry["rope"]["method"], **entry["rope"]["params"])
+    apply_recorded(base, entry)
     if "attention" in entry and entry["attention"]["method"] != "s2-attn":
         patch(base, entry["attention"]["method"], **entry["attention"]["params"])
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
