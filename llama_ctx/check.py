@@ -26,7 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from . import registry
 from .patch import patch, unpatch
-from .reference import dca, encodings, positional, rope, s2, selection, streaming
+from .reference import bias, dca, encodings, positional, rope, s2, selection, streaming
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=256, max_position_embeddings=64)
@@ -118,6 +118,13 @@ def _position(encode):
     return lambda model, p: encodings.dense_logits(model, ids(LENGTH), encode=encode(model, p)).float()
 
 
+def _bias(make):
+    """Additive-bias position methods: the dense float64 forward with the explicit `[heads, L, L]` bias matrices of
+    `llama_ctx.reference.bias` (`make(patched model, params)`). t5-bias is checked at init, where its table is zero
+    (the tests cover a random table)."""
+    return lambda model, p: encodings.dense_logits(model, ids(LENGTH), bias=make(model, p)).float()
+
+
 TRAIN_MODE = {"s2-attn"}  # methods whose forward row is computed in train mode (eval mode is the stock model)
 _NATIVE = {name: (params, native) for name, params, native in rope.NATIVE if name != "linear"}
 CASES: dict[str, tuple[dict, Callable]] = {  # method -> (params for the tiny model, reference)
@@ -136,6 +143,9 @@ CASES: dict[str, tuple[dict, Callable]] = {  # method -> (params for the tiny mo
     "s2-attn": (dict(group_size_ratio=0.25), _s2),
     "dca": (dict(chunk_size=24, local_window=6), _dca),
     "nope": (dict(), _position(lambda model, p: None)),
+    "alibi": (dict(), _bias(lambda model, p: lambda pos: bias.alibi_bias(pos, TINY["num_attention_heads"]))),
+    "t5-bias": (dict(num_buckets=16, max_distance=40), _bias(lambda model, p: lambda pos: bias.t5_bias(
+        pos, model.model.llama_ctx_position.relative_attention_bias.detach(), **p))),
     "sinusoidal": (dict(scale=0.5), _position(lambda model, p: encodings.added(
         lambda pos: p["scale"] * encodings.sinusoidal_at(pos, TINY["hidden_size"])))),
     "multiplicative": (dict(scale=0.8), _position(lambda model, p: encodings.multiplied(

@@ -4,8 +4,10 @@ Importing this package registers the methods.
 """
 
 # each import registers its method
-from . import learned_absolute, multiplicative, nope, recursive, sinusoidal_pe  # noqa: F401
+from . import alibi, learned_absolute, multiplicative, nope, recursive, sinusoidal_pe, t5_bias  # noqa: F401
+from .alibi import alibi_slopes
 from .base import PositionMethod
+from .t5_bias import relative_position_bucket
 from .tables import sinusoidal
 
-__all__ = ["PositionMethod", "sinusoidal"]
+__all__ = ["PositionMethod", "alibi_slopes", "relative_position_bucket", "sinusoidal"]
