@@ -47,10 +47,12 @@ ENCODINGS = ("rope", "nope", "sinusoidal", "learned-absolute", "alibi", "t5-bias
 # Parameters an encoding needs for the study; learned tables must cover the longest evaluated length.
 ENCODING_PARAMS = {"learned-absolute": dict(max_positions=WINDOW * MULTIPLES[-1])}
 # Extra rows: the additive tables at the default scale 1.0 are +-1 next to token embeddings initialised with
-# std 0.02 (`initializer_range`), so they also run at the embeddings' own scale.
+# std 0.02 (`initializer_range`), so they also run at the embeddings' own scale; likewise recursive's positions.
 VARIANTS = {
     "sinusoidal:scale=0.02": ("sinusoidal", dict(scale=0.02)),
     "learned-absolute:scale=0.02": ("learned-absolute", dict(max_positions=WINDOW * MULTIPLES[-1], scale=0.02)),
+    # at the default step 0.01 the unrolled positions start ~16x the embeddings' norm by position 63 (measured)
+    "recursive:step=0.0005": ("recursive", dict(step=0.0005)),
 }
 STUDY = {**{e: (e, ENCODING_PARAMS.get(e, {})) for e in ENCODINGS}, **VARIANTS}  # label -> (method, params)
 
@@ -220,12 +222,16 @@ def table(report: dict) -> str:
 
 def plot(report: dict, path: Path) -> None:
     """Perplexity against evaluation length, one line per encoding (solid) and per extension of rope (dashed)."""
-    fig, ax = new_figure(figsize=(8.5, 5.5))
+    fig, ax = new_figure(figsize=(11, 5.5))
     lengths = report["lengths"]
-    for label, r in report["rows"].items():
+    import matplotlib
+
+    colors = matplotlib.colormaps["tab20"].colors  # 20 distinct colours: every line its own
+    for i, (label, r) in enumerate(report["rows"].items()):
         xs = [n for n in lengths if r["ppl"][str(n)] is not None]
         style = "o-" if r["kind"] == "encoding" else "s--"
-        ax.plot(xs, [r["ppl"][str(n)] for n in xs], style, label=label, lw=2 if r["kind"] == "encoding" else 1, ms=4)
+        ax.plot(xs, [r["ppl"][str(n)] for n in xs], style, label=label, lw=2 if r["kind"] == "encoding" else 1, ms=4,
+                color=colors[(2 * i + i // 10) % 20])
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(lengths, [str(n) for n in lengths])
@@ -233,7 +239,7 @@ def plot(report: dict, path: Path) -> None:
     ax.set_xlabel(f"evaluation length (bytes); dotted: training window ({report['window']})")
     ax.set_ylabel("perplexity per byte (held-out text)")
     ax.set_title(f"Tiny LLaMA trained from scratch at {report['window']} tokens, per positional encoding")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: 19 lines
     save_figure(fig, path)
 
 
