@@ -207,13 +207,17 @@ def main():
 
 def table(report: dict) -> str:
     lengths = report["lengths"]
-    head = "| model | " + " | ".join(f"{n // report['window']}x ({n})" for n in lengths) + " | train loss | train CPU s |"
-    lines = [head, "|---|" + "---:|" * (len(lengths) + 2)]
+    head = "| model | " + " | ".join(f"{n // report['window']}x ({n})" for n in lengths) + \
+        f" | {lengths[-1] // lengths[0]}x / 1x | train loss | train CPU s |"
+    lines = [head, "|---|" + "---:|" * (len(lengths) + 3)]
     for label, r in report["rows"].items():
-        cells = ["-" if r["ppl"][str(n)] is None else f"{r['ppl'][str(n)]:.2f}" for n in lengths]
+        ppl = [r["ppl"][str(n)] for n in lengths]
+        cells = ["-" if v is None else f"{v:.2f}" for v in ppl]
+        cells.append("-" if None in (ppl[0], ppl[-1]) else f"{ppl[-1] / ppl[0]:.2f}x")
         extra = [f"{r['train_loss']:.3f}", f"{r['train_cpu_s']:.0f}"] if "train_loss" in r else ["", ""]
         lines.append(f"| `{label}` | " + " | ".join(cells + extra) + " |")
-    lines.append(f"\nTraining {report['steps']} steps x {report['batch']} x {report['window']} bytes per model; the whole "
+    lines.append(f"\nPerplexity per byte on {report['eval_tokens']} held-out bytes per length; train loss: mean of the "
+                 f"last 10% of steps. Training {report['steps']} steps x {report['batch']} x {report['window']} bytes per model; the whole "
                  f"study from scratch: {report['study_cpu_s'] / 60:.1f} CPU minutes ({report['threads']} thread).")
     if report["missing"]:
         lines.append(f"\nNot registered in this checkout (not run): {', '.join(report['missing'])}.")
