@@ -32,15 +32,15 @@ def _methods_parser(sub):
 
 
 def _methods(args) -> None:
-    from .registry import methods
+    from .registry import KINDS, methods
 
     rows = methods()
     width = max(len(r["name"]) for r in rows)
-    for kind in ("rope", "attention"):
+    for kind in KINDS:
         print(f"{kind} methods")
         for r in (r for r in rows if r["kind"] == kind):
             alias = f" (alias {', '.join(r['aliases'])})" if r["aliases"] else ""
-            params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+            params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "(none)"
             print(f"  {r['name']:<{width}}  {r['description']}{alias}\n  {'':<{width}}  params: {params}")
         print()
 

@@ -20,12 +20,15 @@ from conftest import ids, logits, tiny_model
 OFFLOAD = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
            "model.norm": "cpu", "lm_head": "cpu"}
 BACKBONE = {"model": "cpu", "lm_head": "cpu"}  # a hook on the decoder stack itself (streaming replaces its forward)
-METHODS = [("rerope", dict(window=16)), ("streaming", dict(window=32)), ("yarn", dict(factor=4.0))]
+METHODS = [("rerope", dict(window=16)), ("streaming", dict(window=32)), ("yarn", dict(factor=4.0)),
+           ("learned-absolute", dict(max_positions=160))]  # a new forward on the decoder stack, a new module
 X = ids(150)
 
 
 def dispatched(model, tmp_path, device_map=OFFLOAD):
-    model = dispatch_model(model, device_map=device_map, offload_dir=tmp_path, force_hooks=True)
+    extra = {"model.llama_ctx_position": "cpu"} if hasattr(model.model, "llama_ctx_position") else {}
+    full = {**device_map, **extra} if device_map is OFFLOAD else device_map  # a position method's table needs a place
+    model = dispatch_model(model, device_map=full, offload_dir=tmp_path, force_hooks=True)
     if device_map is OFFLOAD:
         assert model.model.layers[1].self_attn.q_proj.weight.device.type == "meta"  # really offloaded
     return model

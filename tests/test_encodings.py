@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 import llama_ctx
 from conftest import ids, logits, tiny_model
 from llama_ctx.errors import ConfigError, PatchStateError
+from llama_ctx.reference import s2
 from llama_ctx.reference.encodings import added, dense_logits, multiplied, recurrent_positions, sinusoidal_at
 
 TOL = 1e-5
@@ -112,6 +113,22 @@ def test_saved_and_reapplied_stock_loading_refuses(name, tmp_path):
     assert llama_ctx.state(again) == llama_ctx.state(model)
     torch.testing.assert_close(logits(again, x), want, atol=1e-6, rtol=0)
     torch.testing.assert_close(logits(llama_ctx.unpatch(again), x), logits(tiny_model(), x), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name,s2_first", [("nope", True), ("learned-absolute", True), ("sinusoidal", False)])
+def test_s2_attn_composes_with_embedding_side_encodings(name, s2_first):
+    """Train mode: position method + S2-attn equals the position method with S2-attn's dense reference."""
+    x = ids(96, batch=2)
+    steps = [("s2-attn", dict(group_size_ratio=0.25)), (name, CASES[name][0])]
+    model = tiny_model()
+    for method, params in steps if s2_first else steps[::-1]:
+        llama_ctx.patch(model, method, **params)
+    got = logits(model.train(), x, use_cache=False)
+    want_model = llama_ctx.patch(tiny_model(), name, **CASES[name][0])
+    with s2.dense_reference(want_model.train(), 24):
+        want = logits(want_model, x, use_cache=False)
+    torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+    assert not torch.allclose(got, logits(want_model, x, use_cache=False), atol=1e-3)  # S2 groups changed it
 
 
 def test_position_methods_refuse_rope_methods_and_unlisted_attention_methods():

@@ -72,5 +72,6 @@ def test_config_refuses_a_table_shorter_than_seq_len(tmp_path, train_cache):  # 
 
     with pytest.raises(ConfigError, match="max_positions: 64 table rows do not cover seq_len 128"):
         check(validate(tiny_run(tmp_path, context={**CONTEXT, "params": {}})))
-    with pytest.raises(ConfigError, match="S2-attn is not combined with the position method"):
-        check(validate(tiny_run(tmp_path, context=CONTEXT, s2_attn={"enabled": True})))
+    check(validate(tiny_run(tmp_path, context=CONTEXT, s2_attn={"enabled": True})))  # S2-attn composes with it
+    with pytest.raises(ConfigError, match="'pi' cannot be combined|context.method: 'rerope' is an attention"):
+        check(validate(tiny_run(tmp_path, context={**CONTEXT, "method": "rerope", "params": {"window": 8}})))

@@ -22,6 +22,9 @@ from .. import compat
 from ..errors import ConfigError, PatchStateError
 
 MODULE_ATTR = "llama_ctx_position"  # where a method's trainable tensors live on the backbone
+# S2-attn attends within groups with the rotation the decoder hands it (here none): it composes with any encoding
+# that only changes the input embeddings (tested against llama_ctx.reference.s2)
+EMBEDDING_SIDE_ATTENTION = frozenset({"s2-attn"})
 
 
 class PositionMethod:

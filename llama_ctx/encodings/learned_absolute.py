@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..registry import check_int, check_number, from_model, register
-from .base import PositionMethod, attach, encode_embeddings, rotary_off, sinusoidal_width
+from .base import EMBEDDING_SIDE_ATTENTION, PositionMethod, attach, encode_embeddings, rotary_off, sinusoidal_width
 from .tables import sinusoidal
 
 INITS = ("sinusoidal", "zeros")
@@ -59,6 +59,8 @@ class PositionTable(nn.Module):
 
 
 class LearnedAbsolute(PositionMethod):
+    compatible_attention = EMBEDDING_SIDE_ATTENTION
+
     def apply(self, patcher, model, backbone, params) -> None:
         emb = backbone.embed_tokens.weight
         if params.init == "sinusoidal":

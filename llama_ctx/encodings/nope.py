@@ -4,7 +4,7 @@ Generalization in Transformers"). Rotary is off; the causal mask is the only sig
 from dataclasses import dataclass
 
 from ..registry import register
-from .base import PositionMethod, rotary_off
+from .base import EMBEDDING_SIDE_ATTENTION, PositionMethod, rotary_off
 
 
 @dataclass
@@ -13,6 +13,8 @@ class NopeParams:
 
 
 class Nope(PositionMethod):
+    compatible_attention = EMBEDDING_SIDE_ATTENTION
+
     def apply(self, patcher, model, backbone, params) -> None:
         rotary_off(patcher, backbone)
 

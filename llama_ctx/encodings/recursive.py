@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..registry import check_int, check_number, register
-from .base import PositionMethod, attach, encode_embeddings, rotary_off
+from .base import EMBEDDING_SIDE_ATTENTION, PositionMethod, attach, encode_embeddings, rotary_off
 
 
 @dataclass
@@ -85,6 +85,8 @@ class Recurrence(nn.Module):
 
 
 class Recursive(PositionMethod):
+    compatible_attention = EMBEDDING_SIDE_ATTENTION
+
     def apply(self, patcher, model, backbone, params) -> None:
         emb = backbone.embed_tokens.weight
         rotary_off(patcher, backbone)

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 from ..registry import check_number, register
-from .base import PositionMethod, encode_embeddings, rotary_off, sinusoidal_width
+from .base import EMBEDDING_SIDE_ATTENTION, PositionMethod, encode_embeddings, rotary_off, sinusoidal_width
 from .tables import sinusoidal_at
 
 
@@ -23,6 +23,8 @@ class SinusoidalParams:
 
 
 class Sinusoidal(PositionMethod):
+    compatible_attention = EMBEDDING_SIDE_ATTENTION
+
     def apply(self, patcher, model, backbone, params) -> None:
         sinusoidal_width(backbone, self.name)  # checked before anything changes
         rotary_off(patcher, backbone)
