@@ -21,7 +21,8 @@ OFFLOAD = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers
            "model.norm": "cpu", "lm_head": "cpu"}
 BACKBONE = {"model": "cpu", "lm_head": "cpu"}  # a hook on the decoder stack itself (streaming replaces its forward)
 METHODS = [("rerope", dict(window=16)), ("streaming", dict(window=32)), ("yarn", dict(factor=4.0)),
-           ("learned-absolute", dict(max_positions=160))]  # a new forward on the decoder stack, a new module
+           ("learned-absolute", dict(max_positions=160)),  # a new forward on the decoder stack, a new module
+           ("t5-bias", dict())]  # rotary off, new attention forwards reading a new module
 X = ids(150)
 
 

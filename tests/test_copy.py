@@ -22,7 +22,7 @@ PARAMS = {
     "topk": dict(k=3, local_window=16), "block-topk": dict(block_size=4, k_blocks=2, local_window=10),
     "s2-attn": dict(group_size_ratio=0.25), "dca": dict(chunk_size=24, local_window=6),
     "nope": dict(), "sinusoidal": dict(scale=0.5), "multiplicative": dict(), "recursive": dict(width=16),
-    "learned-absolute": dict(max_positions=80),
+    "learned-absolute": dict(max_positions=80), "alibi": dict(), "t5-bias": dict(num_buckets=8, max_distance=20),
 }
 ATTENTION = [m["name"] for m in llama_ctx.methods() if m["kind"] == "attention"]
 # every method alone, the rope method "yarn" applied before each attention method, and after two of them

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import llama_ctx
 from conftest import ids, logits, tiny_model
@@ -141,9 +142,19 @@ def test_forward_matches_dense_reference_and_unpatch_is_exact(name, params, mode
 
 
 @pytest.mark.parametrize("name", ["alibi", "t5-bias"])
-def test_left_padded_rows_equal_rows_alone(name):
+def test_a_huge_position_gap(name):
+    """Distances of 10^9: T5 looks up only distances up to max_distance (all farther share its bucket)."""
+    model = patched(name, {})
+    x, pos = ids(20), torch.cat([torch.arange(10), torch.arange(10) + 10**9])[None]
+    want = dense_logits(model, x, pos, bias=reference_bias(model, name, {}))
+    torch.testing.assert_close(logits(model, x, position_ids=pos).double(), want, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", ["alibi", "t5-bias"])
+def test_left_padded_rows_equal_rows_alone(name, impl):
     """With generate's position_ids and without any (the bias needs only differences, which padding keeps)."""
-    model = patched(name, {}, attn_implementation="eager")
+    model = patched(name, {}, attn_implementation=impl)
     row, other = ids(50, seed=5), ids(70, seed=6)
     x = torch.cat([torch.cat([torch.zeros(1, 20, dtype=torch.long), row], 1), other])
     mask = torch.ones_like(x)
@@ -228,6 +239,8 @@ def test_saved_and_reloaded(tmp_path):
         x = ids(90)
         want = logits(model, x)
         model.save_pretrained(tmp_path / str(i))
+        with pytest.raises(KeyError, match="llama_ctx.from_pretrained"):  # stock loading refuses, not silently RoPE
+            AutoModelForCausalLM.from_pretrained(tmp_path / str(i))
         again = llama_ctx.from_pretrained(tmp_path / str(i)).eval()
         assert llama_ctx.state(again) == llama_ctx.state(model)
         if name == "t5-bias":
@@ -261,13 +274,14 @@ def test_refusals_leave_the_model_untouched():
     with pytest.raises(UnsupportedModelError, match="attn_implementation in"):
         llama_ctx.patch(model, "alibi")
     model.config._attn_implementation = "sdpa"
-    llama_ctx.patch(model, "rerope", window=8)
-    with pytest.raises(PatchStateError, match="'rerope' cannot be combined with the position method 't5-bias'"):
-        llama_ctx.patch(model, "t5-bias")
-    llama_ctx.unpatch(model)
+    for method, params in [("rerope", dict(window=8)), ("s2-attn", dict(group_size_ratio=0.25))]:
+        llama_ctx.patch(model, method, **params)
+        with pytest.raises(PatchStateError, match=f"'{method}' cannot be combined with the position method 't5-bias'"):
+            llama_ctx.patch(model, "t5-bias")
+        llama_ctx.unpatch(model)
     llama_ctx.patch(model, "alibi")
     for method, params in [("yarn", dict(factor=2)), ("self-extend", dict(group_size=4, window=8)),
-                           ("t5-bias", {})]:
+                           ("s2-attn", dict(group_size_ratio=0.25)), ("t5-bias", {})]:
         with pytest.raises(PatchStateError):
             llama_ctx.patch(model, method, **params)
         assert llama_ctx.state(model)["position"]["method"] == "alibi" and len(llama_ctx.state(model)) == 1
@@ -292,3 +306,40 @@ def test_t5_table_trains_as_a_peft_modules_to_save_copy(tmp_path, train_cache): 
     x = ids(100, batch=2)
     peft(input_ids=x, labels=x).loss.backward()
     assert trained.grad is not None and trained.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["alibi", "t5-bias"])
+def test_bfloat16_model_close_to_the_float64_reference(name):
+    """The mask is handed to sdpa in the model dtype; in bfloat16 the logits stay within bfloat16 rounding."""
+    model = patched(name, {})
+    x = ids(120, batch=2)
+    want = dense_logits(model, x, bias=reference_bias(model, name, {}))
+    got = logits(model.to(torch.bfloat16), x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=0)
+
+
+@pytest.mark.slow
+def test_t5_table_trained_by_the_recipe_saved_merged_and_reloaded(tmp_path, train_cache):  # noqa: F811
+    """The fine-tuning recipe end to end (~10 s): the table leaves zero, is in the adapter, the merged model holds
+    it and, reloaded by llama_ctx.from_pretrained, gives base + adapter's logits."""
+    from safetensors import safe_open
+    from train_util import tiny_run
+
+    from llama_ctx.train import run
+    from llama_ctx.train.builtin import tiny_random
+    from llama_ctx.train.merge import merge
+    from llama_ctx.train.model import load_adapter
+
+    out = tmp_path / "run"
+    run(tiny_run(out, context={"method": "t5-bias", "params": {}, "seq_len": 128},
+                 training={"max_steps": 3, "save_steps": 3}))
+    with safe_open(str(out / "adapter_model.safetensors"), framework="pt") as f:
+        (key,) = [k for k in f.keys() if "llama_ctx_position" in k]
+        final = f.get_tensor(key)
+    assert final.abs().max() > 1e-4  # trained away from its zero init
+    reference, _ = load_adapter(tiny_random(), out)
+    again = llama_ctx.from_pretrained(merge("tiny-random", out, tmp_path / "merged")).eval()
+    assert torch.equal(table_of(again), final)
+    x = ids(120)
+    torch.testing.assert_close(logits(again, x), logits(reference.eval(), x), atol=1e-4, rtol=0)

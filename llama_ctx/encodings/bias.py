@@ -13,8 +13,8 @@ the model's own attention function (`sdpa` or `eager`, chosen by `config._attn_i
 layer call only and is rebuilt by the next layer (the bias is the same in every layer; recomputing it costs far less
 than the attention itself and keeps nothing L x L alive between layers). That is heads times what the stock path
 holds per call (a `[B, 1, q, k]` bool mask, or none at all when sdpa can use its causal flag), in the model dtype:
-at 8K tokens, 32 heads, float32: 8 GiB per call. The float mask also keeps sdpa off its flash kernels (as for any
-float mask). See docs/encodings.md.
+at 8K tokens, 32 heads, float32: 8 GiB per call, plus an int64 `[B or 1, q, k]` distance matrix. On GPU a float mask
+also keeps sdpa off its flash kernel. Measurements: docs/encodings.md.
 
 Cached keys. `position_ids` give the positions of the call's own tokens; cached keys get the positions just before
 the first query of the call, one per token (what a forward followed by `generate` produces). So within a row,
@@ -38,7 +38,8 @@ class BiasAttention(AttentionMethod):
     """The attention forward of an additive-bias method; subclasses define `bias`."""
 
     def bias(self, fwd: PatchedForward, distance: torch.Tensor) -> torch.Tensor:
-        """`[heads, *distance.shape]` float32 bias for non-negative integer distances p_i - p_j."""
+        """`[heads, *distance.shape]` float32 bias for non-negative integer distances p_i - p_j (`distance` is the
+        method's to change in place)."""
         raise NotImplementedError
 
     def check_cache(self, cache, layer_idx: int) -> None:
@@ -62,8 +63,9 @@ class BiasAttention(AttentionMethod):
         before = torch.arange(past, 0, -1, device=position_ids.device)
         key_pos = torch.cat([position_ids[:, :1] - before, position_ids], dim=1)  # (B or 1, T)
         # pairs j > i are masked below; clamping keeps their bias finite and the bias defined on distances >= 0
-        distance = (position_ids[:, :, None] - key_pos[:, None, :]).clamp(min=0)  # (B or 1, L, T)
+        distance = (position_ids[:, :, None] - key_pos[:, None, :]).clamp_(min=0)  # (B or 1, L, T)
         bias = self.bias(fwd, distance).transpose(0, 1)  # (B or 1, heads, L, T)
+        del distance  # (the only other L x T tensor of the call; T5's gather keeps it for its backward)
         mask = _additive(bias, attention_mask, past, q.dtype)
 
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
@@ -98,18 +100,23 @@ class BiasPosition(PositionMethod):
 
 
 def _additive(bias: torch.Tensor, attention_mask, past: int, dtype) -> torch.Tensor:
-    """The float mask `bias` where the attention mask allows a pair, the dtype's minimum elsewhere.
+    """The float mask `bias` where the attention mask allows a pair, the dtype's minimum elsewhere (in place where
+    the shapes allow, so one `[B or 1, heads, L, T]` tensor is all the call holds).
 
     The minimum, not -inf: a row with no visible key (a padding query) then gets a uniform softmax instead of NaN,
     which would reach the real rows through the next layer's keys.
     """
     L, T = bias.shape[-2:]
+    bias = bias.to(torch.promote_types(bias.dtype, dtype))  # float64 models: their minimum does not fit in float32
     low = torch.finfo(dtype).min
     if attention_mask is None:  # sdpa without padding: the causal pattern by cache index
-        seen = torch.arange(T, device=bias.device) <= past + torch.arange(L, device=bias.device)[:, None]
-        return torch.where(seen, bias, low).to(dtype)
-    attention_mask = attention_mask[..., :T]  # a static cache's mask covers its whole buffer
-    if attention_mask.dtype == torch.bool:
-        return torch.where(attention_mask, bias, low).to(dtype)
-    # an additive float mask (eager): add it, clamped so that min + bias does not overflow to -inf in half precision
-    return (bias + attention_mask.float()).clamp(min=low).to(dtype)
+        allowed = torch.arange(T, device=bias.device) <= past + torch.arange(L, device=bias.device)[:, None]
+    elif attention_mask.dtype == torch.bool:
+        allowed = attention_mask[..., :T]  # a static cache's mask covers its whole buffer
+    else:  # an additive float mask (eager): add it, clamped so that min + bias does not overflow in half precision
+        mask = attention_mask[..., :T].float()
+        in_place = torch.broadcast_shapes(mask.shape, bias.shape) == bias.shape
+        return (bias.add_(mask) if in_place else bias + mask).clamp_(min=low).to(dtype)
+    if torch.broadcast_shapes(allowed.shape, bias.shape) == bias.shape:
+        return bias.masked_fill_(~allowed, low).to(dtype)
+    return torch.where(allowed, bias, low).to(dtype)  # a padding mask per row, a bias shared by the rows

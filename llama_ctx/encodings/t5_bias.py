@@ -84,9 +84,12 @@ class T5BiasAttention(BiasAttention):
         if table is None:
             raise PatchStateError(f"t5-bias: backbone.{MODULE_ATTR} (the bias table) was removed; call "
                                   "llama_ctx.unpatch(model) and patch again.")
-        bucket = relative_position_bucket(-distance, fwd.params.num_buckets, fwd.params.max_distance)
-        rows = table(bucket.to(next(table.parameters()).device))
-        return rows.to(distance.device, torch.float32).movedim(-1, 0)
+        # the bias of each distance up to max_distance (every farther one is in the last bucket, as max_distance is),
+        # then one gather into [heads, *distance.shape]: no L x T bucket tensor, and nothing as long as a position gap
+        far = fwd.params.max_distance
+        distances = torch.arange(far + 1, device=next(table.parameters()).device)
+        rows = table(relative_position_bucket(-distances, fwd.params.num_buckets, far))
+        return rows.to(distance.device, torch.float32).T[:, distance.clamp_(max=far)]
 
 
 class T5Bias(BiasPosition):
