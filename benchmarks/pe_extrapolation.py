@@ -51,12 +51,14 @@ ENCODING_PARAMS = {"learned-absolute": dict(max_positions=WINDOW * MULTIPLES[-1]
 VARIANTS = {
     "sinusoidal:scale=0.02": ("sinusoidal", dict(scale=0.02)),
     "learned-absolute:scale=0.02": ("learned-absolute", dict(max_positions=WINDOW * MULTIPLES[-1], scale=0.02)),
-    # at the default step 0.01 the unrolled positions start ~16x the embeddings' norm by position 63 (measured)
+    # at the default step 0.01 the unrolled positions start ~16x the embeddings' norm by position 63 (measured);
+    # this variant trained no better (see benchmarks/README.md)
     "recursive:step=0.0005": ("recursive", dict(step=0.0005)),
 }
 STUDY = {**{e: (e, ENCODING_PARAMS.get(e, {})) for e in ENCODINGS}, **VARIANTS}  # label -> (method, params)
 
-# Extension methods applied to the trained rope model, each set for the largest evaluated length (8x).
+# Extension methods applied to the trained rope model, each set for the largest evaluated length (8x); dynamic NTK
+# grows with the input by itself, so its usual factor 2.
 EXTENSIONS = {
     "pi:factor=8": ("pi", dict(factor=8)),
     "ntk:factor=8": ("ntk", dict(factor=8)),
