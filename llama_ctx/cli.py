@@ -1,4 +1,4 @@
-"""`llama-ctx` command line: methods, inspect, check, demo, eval, sweep, data, merge, plan.
+"""`llama-ctx` command line: methods, inspect, check, demo, eval, sweep, data, merge, plan, plot.
 
 Each subcommand lives with the code it drives and exposes `add_parser(subparsers)`, which sets `func`.
 """
@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "data": "llama_ctx.data.cli",
     "merge": "llama_ctx.train.cli",
     "plan": "llama_ctx.train.cli",
+    "plot": "llama_ctx.encodings.plots",
 }
 
 
@@ -53,16 +54,15 @@ def _inspect_parser(sub):
     p.set_defaults(func=_inspect)
 
 
-def _inspect(args, extra: list[str]) -> None:
+def load_config(model: str | None, gguf_file: str | None = None):
+    """(config, name) of a local model folder or .gguf file; None: the shipped SmolLM2. A `ConfigError` otherwise."""
     from pathlib import Path
 
     from transformers import AutoConfig
 
     from .io import SMOLLM2_GGUF, check_model_path, smollm2_dir
-    from .rope.base import RopeSpec
-    from .rope.inspect import format_table, inspect_rope, plot
 
-    path, gguf = (args.model, args.gguf_file) if args.model else (smollm2_dir(), SMOLLM2_GGUF)
+    path, gguf = (model, gguf_file) if model else (smollm2_dir(), SMOLLM2_GGUF)
     path = Path(path)
     if path.suffix == ".gguf":
         path, gguf = path.parent, path.name
@@ -72,6 +72,14 @@ def _inspect(args, extra: list[str]) -> None:
             AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read a model config from {str(path)!r}: {e}") from e
+    return config, gguf or path.name
+
+
+def _inspect(args, extra: list[str]) -> None:
+    from .rope.base import RopeSpec
+    from .rope.inspect import format_table, inspect_rope, plot
+
+    config, _ = load_config(args.model, args.gguf_file)
     params = parse_params(extra)
     rows = inspect_rope(config, args.method, **params)
     spec = RopeSpec.from_config(config)

@@ -80,7 +80,7 @@ def plot(rows: list[dict], trained_window: int, path, title: str = "") -> None:
     pairs = [r["pair"] for r in rows]
     ax.semilogy(pairs, [r["wavelength"] for r in rows], "o-", ms=3, label="original")
     finite = [(r["pair"], r["wavelength_after"]) for r in rows if math.isfinite(r["wavelength_after"])]
-    if finite:
+    if finite and any(r["wavelength_after"] != r["wavelength"] for r in rows):  # no method: one line, not two
         ax.semilogy(*zip(*finite), "s-", ms=3, label="after method")
     ax.axhline(trained_window, color="k", ls="--", lw=1, label=f"trained window ({trained_window})")
     ax.set_xlabel("dimension pair i")
