@@ -191,6 +191,17 @@ def test_recursive_inference_keeps_positions_until_parameters_change():
     torch.testing.assert_close(logits(model, x).double(), expected(model, "recursive", x), atol=TOL, rtol=0)
 
 
+def test_recursive_inference_sees_edits_through_dot_data():
+    # `.data` (old-style optimizers, hand edits) has its own version counter: the kept positions must notice anyway
+    model = llama_ctx.patch(tiny_model(), "recursive", width=16)
+    module, x = model.model.llama_ctx_position, ids(30)
+    logits(model, x)
+    module.w2.data.mul_(50.0)
+    torch.testing.assert_close(logits(model, x).double(), expected(model, "recursive", x), atol=TOL, rtol=0)
+    module.start.data = module.start.data + 0.1  # a new tensor under the same parameter
+    torch.testing.assert_close(logits(model, x).double(), expected(model, "recursive", x), atol=TOL, rtol=0)
+
+
 def test_left_padded_batch_without_position_ids_is_refused():
     model = llama_ctx.patch(tiny_model(), "sinusoidal")
     x, mask = ids(10, batch=2), torch.ones(2, 10, dtype=torch.long)
