@@ -261,11 +261,19 @@ def _positions_from_padding(attention_mask, past: int, L: int, fill_in: torch.Te
     tokens and chunks depend on absolute positions, so an arange shifted by the padding would change the result."""
     if attention_mask is None or attention_mask.dim() != 4:
         return fill_in
-    last = attention_mask[:, 0, -1, :past + L]
-    real = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
+    mask = attention_mask[:, 0, :, :past + L]
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    real = allowed[:, -1]
     if bool(real.all()):
         return fill_in
-    return (real.long().cumsum(-1) - 1)[:, past:].clamp(min=0)  # padding queries: 0 (their rows are hidden)
+    counts = real.long().cumsum(-1)
+    # only a padding mask: every query that sees itself sees exactly the real keys up to it. Anything else (a block
+    # mask of packed documents, hiding earlier documents from the last query) keeps transformers' numbering, as the
+    # stock model does; numbering it from the last query would put every query of an earlier document at 0
+    own = allowed[:, torch.arange(L), past + torch.arange(L)]  # (B, L): the query sees its own key
+    if not bool((allowed.sum(-1) == counts[:, past:])[own].all()):
+        return fill_in
+    return (counts - 1)[:, past:].clamp(min=0)  # padding queries: 0 (their rows are hidden)
 
 
 @dataclass
