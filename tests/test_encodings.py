@@ -212,6 +212,20 @@ def test_left_padded_batch_without_position_ids_is_refused():
     logits(model, x, attention_mask=mask)
 
 
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_left_padded_4d_mask_without_position_ids_is_refused(dtype):
+    # a 4D mask (bool, or additive float) hides the padding from every query: the same refusal as a 2D one
+    model = llama_ctx.patch(tiny_model(), "sinusoidal")
+    x, allowed = ids(10), torch.ones(10, 10, dtype=torch.bool).tril()
+    allowed[:, :3] = False
+    mask = allowed if dtype == torch.bool else torch.where(allowed, 0.0, torch.finfo(dtype).min)
+    with pytest.raises(ConfigError, match="left-padded and no position_ids"):
+        logits(model, x, attention_mask=mask[None, None])
+    pos = torch.arange(-3, 7).clamp(min=0)[None]
+    torch.testing.assert_close(logits(model, x, attention_mask=mask[None, None], position_ids=pos)[0, 3:],
+                               logits(model, x[:, 3:])[0], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("name,params,match", [
     ("sinusoidal", dict(scale=0), "scale must be > 0"), ("sinusoidal", dict(base=1), "base must be > 1"),
     ("multiplicative", dict(scale="1"), "scale must be a finite number"),
