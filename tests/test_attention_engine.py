@@ -192,3 +192,12 @@ def test_packed_documents_without_position_ids_keep_the_stock_numbering(method):
     for mask in (allowed[None, None], torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None]):
         packed = logits(model, torch.cat(docs)[None], attention_mask=mask)
         torch.testing.assert_close(packed[0, doc == 0], logits(model, docs[0][None])[0], atol=1e-5, rtol=0)
+
+
+def test_positions_from_a_padding_mask_whose_padding_rows_see_everything():
+    # some attention paths unmask fully masked (padding) query rows; those rows are not a sign of packed documents
+    allowed = torch.ones(6, 6, dtype=torch.bool).tril()
+    allowed[:, :2] = False
+    allowed[:2] = True  # the padding queries' rows, unmasked
+    got = engine._positions_from_padding(allowed[None, None], 0, 6, torch.arange(6)[None])
+    assert got.tolist() == [[0, 0, 0, 1, 2, 3]]

@@ -273,6 +273,7 @@ def _positions_from_padding(attention_mask, past: int, L: int, fill_in: torch.Te
     # stock model does; numbering it from the last query would put every query of an earlier document at 0
     index = torch.arange(L, device=allowed.device)
     own = allowed[:, index, past + index]  # (B, L): the query sees its own key
+    own[:, :-1] &= ~allowed[:, :-1, -1]  # and no later key: not a fully masked padding row that was unmasked
     seen = allowed.sum(-1, dtype=torch.int32)  # (int32: a plain sum would copy the L x T mask as int64 first)
     if not bool((seen == counts[:, past:])[own].all()):
         return fill_in
