@@ -76,7 +76,32 @@ def _encode(model, tokenizer, contexts, prompt):
     if not isinstance(prompt, str) or not prompt:
         raise ConfigError("prompt must be a non-empty string: the task tokens that read all the windows.")
     windows = [tokenizer(c)["input_ids"] for c in contexts]
+    _check_patches(model)
     return windows, tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def _check_patches(model) -> None:
+    """Refuse a llama_ctx method that places cached keys by count: the position-rewriting attention methods and the
+    bias encodings put the cached keys at the positions just before the call's first query, but PCW's windows
+    restart their positions, so every step after the windows' cache would be silently wrong (prepare + one forward,
+    with no cache, is exact)."""
+    from .encodings.bias import BiasPosition
+    from .errors import UnsupportedModelError
+    from .patch import state
+    from .registry import get
+
+    try:
+        applied = state(model) or {}
+    except UnsupportedModelError:
+        return
+    for kind, entry in applied.items():
+        name = entry["method"]
+        if (kind == "attention" and name != "s2-attn") or isinstance(get(name).impl, BiasPosition):
+            raise ConfigError(
+                f"{name!r} places cached keys at the positions just before each call, which parallel context windows "
+                "(positions restarting per window) break; generate/score would be silently wrong. Unpatch it, or "
+                "use pcw.prepare and one full forward (no cache)."
+            )
 
 
 def _device_dtype(model):

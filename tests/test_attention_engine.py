@@ -178,3 +178,26 @@ def test_packed_documents_with_a_block_mask_equal_separate_rows(method, monkeypa
     packed = logits(model, torch.cat(docs)[None], attention_mask=mask, position_ids=position_ids)
     for i, d in enumerate(docs):
         torch.testing.assert_close(packed[0, doc == i], logits(model, d[None])[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", list(ALL))
+def test_packed_documents_without_position_ids_keep_the_stock_numbering(method):
+    # a block mask is not padding: the first document's queries must not all be numbered 0 (they are numbered
+    # 0, 1, ... by transformers' fill-in, as in the stock model, so the first document equals itself alone)
+    model = tiny_model()
+    llama_ctx.patch(model, method, **ALL[method])
+    docs = [ids(70, seed=2)[0], ids(50, seed=3)[0]]
+    doc = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])
+    allowed = (doc[:, None] == doc[None, :]) & torch.ones(len(doc), len(doc), dtype=torch.bool).tril()
+    for mask in (allowed[None, None], torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None]):
+        packed = logits(model, torch.cat(docs)[None], attention_mask=mask)
+        torch.testing.assert_close(packed[0, doc == 0], logits(model, docs[0][None])[0], atol=1e-5, rtol=0)
+
+
+def test_positions_from_a_padding_mask_whose_padding_rows_see_everything():
+    # some attention paths unmask fully masked (padding) query rows; those rows are not a sign of packed documents
+    allowed = torch.ones(6, 6, dtype=torch.bool).tril()
+    allowed[:, :2] = False
+    allowed[:2] = True  # the padding queries' rows, unmasked
+    got = engine._positions_from_padding(allowed[None, None], 0, 6, torch.arange(6)[None])
+    assert got.tolist() == [[0, 0, 0, 1, 2, 3]]

@@ -191,6 +191,17 @@ def test_recursive_inference_keeps_positions_until_parameters_change():
     torch.testing.assert_close(logits(model, x).double(), expected(model, "recursive", x), atol=TOL, rtol=0)
 
 
+def test_recursive_inference_sees_edits_through_dot_data():
+    # `.data` (old-style optimizers, hand edits) has its own version counter: the kept positions must notice anyway
+    model = llama_ctx.patch(tiny_model(), "recursive", width=16)
+    module, x = model.model.llama_ctx_position, ids(30)
+    logits(model, x)
+    module.w2.data.mul_(50.0)
+    torch.testing.assert_close(logits(model, x).double(), expected(model, "recursive", x), atol=TOL, rtol=0)
+    module.start.data = module.start.data + 0.1  # a new tensor under the same parameter
+    torch.testing.assert_close(logits(model, x).double(), expected(model, "recursive", x), atol=TOL, rtol=0)
+
+
 def test_left_padded_batch_without_position_ids_is_refused():
     model = llama_ctx.patch(tiny_model(), "sinusoidal")
     x, mask = ids(10, batch=2), torch.ones(2, 10, dtype=torch.long)
@@ -199,6 +210,20 @@ def test_left_padded_batch_without_position_ids_is_refused():
         logits(model, x, attention_mask=mask)
     mask[1, :3], mask[1, 7:] = 1, 0  # right padding numbers the real tokens from 0: fine
     logits(model, x, attention_mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_left_padded_4d_mask_without_position_ids_is_refused(dtype):
+    # a 4D mask (bool, or additive float) hides the padding from every query: the same refusal as a 2D one
+    model = llama_ctx.patch(tiny_model(), "sinusoidal")
+    x, allowed = ids(10), torch.ones(10, 10, dtype=torch.bool).tril()
+    allowed[:, :3] = False
+    mask = allowed if dtype == torch.bool else torch.where(allowed, 0.0, torch.finfo(dtype).min)
+    with pytest.raises(ConfigError, match="left-padded and no position_ids"):
+        logits(model, x, attention_mask=mask[None, None])
+    pos = torch.arange(-3, 7).clamp(min=0)[None]
+    torch.testing.assert_close(logits(model, x, attention_mask=mask[None, None], position_ids=pos)[0, 3:],
+                               logits(model, x[:, 3:])[0], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name,params,match", [

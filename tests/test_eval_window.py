@@ -74,6 +74,9 @@ def test_forward_count_counts_the_forwards(model):
             calls.clear()
             perplexity(model, ids(130)[0], [96], **kw)
             assert len(calls) == forward_count(130, 96, **kw) > 0, kw
+        calls.clear()  # a last window of one token scores nothing and runs no forward
+        perplexity(model, ids(21)[0], [10])
+        assert len(calls) == forward_count(21, 10) == 2
     finally:
         hook.remove()
 

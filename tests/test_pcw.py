@@ -156,3 +156,20 @@ def test_string_api_bad_input(tokenizer):
         pcw.score(model, tokenizer, "w1 w2", PROMPT, [" w1"])
     with pytest.raises(ConfigError, match="choices"):
         pcw.score(model, tokenizer, CONTEXTS, PROMPT, [])
+
+
+@pytest.mark.parametrize("method,params", [("alibi", {}), ("t5-bias", {}), ("rerope", dict(window=8)),
+                                           ("self-extend", dict(group_size=2, window=8))])
+def test_methods_that_place_cached_keys_by_count_are_refused(tokenizer, method, params):
+    # they put cached keys at the positions just before the first query; PCW's windows restart their positions,
+    # so score/generate on top of the windows' cache would be silently wrong (alibi: logits off by 0.2)
+    import llama_ctx
+
+    model = llama_ctx.patch(small_model(), method, **params)
+    with pytest.raises(ConfigError, match=f"{method}.*parallel context windows"):
+        pcw.score(model, tokenizer, CONTEXTS, PROMPT, [" w1"])
+    with pytest.raises(ConfigError, match=f"{method}.*parallel context windows"):
+        pcw.generate(model, tokenizer, CONTEXTS, PROMPT, max_new_tokens=2)
+    llama_ctx.unpatch(model)
+    llama_ctx.patch(model, "learned-absolute")  # positions added at the embeddings: exact with PCW
+    pcw.score(model, tokenizer, CONTEXTS, PROMPT, [" w1"])

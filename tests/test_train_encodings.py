@@ -75,3 +75,12 @@ def test_config_refuses_a_table_shorter_than_seq_len(tmp_path, train_cache):  # 
     check(validate(tiny_run(tmp_path, context=CONTEXT, s2_attn={"enabled": True})))  # S2-attn composes with it
     with pytest.raises(ConfigError, match="'pi' cannot be combined|context.method: 'rerope' is an attention"):
         check(validate(tiny_run(tmp_path, context={**CONTEXT, "method": "rerope", "params": {"window": 8}})))
+
+
+def test_config_refuses_a_table_shorter_than_the_eval_lengths(tmp_path, train_cache):  # noqa: F811
+    # evaluation at 256 positions would fail with max_positions 128 only after training (or at its first eval)
+    from llama_ctx.train.checks import check
+
+    with pytest.raises(ConfigError, match="max_positions: 128 table rows do not cover eval.lengths 256"):
+        check(validate(tiny_run(tmp_path, context=CONTEXT, eval={"lengths": [128, 256]})))
+    check(validate(tiny_run(tmp_path, context=CONTEXT, eval={"lengths": [64, 128]})))

@@ -258,14 +258,26 @@ def _positions_from_padding(attention_mask, past: int, L: int, fill_in: torch.Te
     """Positions of a call that got none (or transformers' plain arange fill-in): each row's real tokens numbered
     0, 1, ... as `generate()` numbers them. Padding is read from the 4D mask: the keys the last query of a row may
     see. The stock model does not need this (RoPE sees differences only), but log scaling, floor groups, global
-    tokens and chunks depend on absolute positions, so an arange shifted by the padding would change the result."""
+    tokens and chunks depend on absolute positions, so an arange shifted by the padding would change the result.
+    A 4D mask that is not a padding mask (packed documents) keeps the fill-in, as in the stock model."""
     if attention_mask is None or attention_mask.dim() != 4:
         return fill_in
-    last = attention_mask[:, 0, -1, :past + L]
-    real = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
+    mask = attention_mask[:, 0, :, :past + L]
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    real = allowed[:, -1]
     if bool(real.all()):
         return fill_in
-    return (real.long().cumsum(-1) - 1)[:, past:].clamp(min=0)  # padding queries: 0 (their rows are hidden)
+    counts = real.long().cumsum(-1)
+    # only a padding mask: every query that sees itself sees exactly the real keys up to it. Anything else (a block
+    # mask of packed documents, hiding earlier documents from the last query) keeps transformers' numbering, as the
+    # stock model does; numbering it from the last query would put every query of an earlier document at 0
+    index = torch.arange(L, device=allowed.device)
+    own = allowed[:, index, past + index]  # (B, L): the query sees its own key
+    own[:, :-1] &= ~allowed[:, :-1, -1]  # and no later key: not a fully masked padding row that was unmasked
+    seen = allowed.sum(-1, dtype=torch.int32)  # (int32: a plain sum would copy the L x T mask as int64 first)
+    if not bool((seen == counts[:, past:])[own].all()):
+        return fill_in
+    return (counts - 1)[:, past:].clamp(min=0)  # padding queries: 0 (their rows are hidden)
 
 
 @dataclass

@@ -143,11 +143,17 @@ class EmbeddingForward:
 def _refuse_left_padding(attention_mask, name: str) -> None:
     """Without position_ids transformers numbers a left-padded row from its padding: absolute encodings would put
     every real token at the wrong position. Refuse (generate() passes position_ids and is unaffected)."""
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim not in (2, 4):
+        return
+    if attention_mask.ndim == 2:
         mask = attention_mask.bool()
-        # a padded slot before a real token in some row
-        if bool((~mask[:, :-1] & mask[:, 1:]).any()):
-            raise ConfigError(
-                f"{name}: this batch is left-padded and no position_ids were given, so its rows would be numbered "
-                "from their padding; pass position_ids, e.g. (attention_mask.cumsum(-1) - 1).clamp(min=0)."
-            )
+    else:  # a 4D mask [B, 1, queries, keys] (bool or additive float): the keys the last query may see
+        last = attention_mask[:, 0, -1]
+        mask = last > torch.finfo(last.dtype).min / 2 if last.is_floating_point() else last.bool()
+    # a hidden slot before a visible one in some row (left padding; with a 4D mask also packed documents)
+    if bool((~mask[:, :-1] & mask[:, 1:]).any()):
+        raise ConfigError(
+            f"{name}: this batch is left-padded and no position_ids were given, so its rows would be numbered "
+            "from their padding (or, with a 4D mask of packed documents, from the first document); pass "
+            "position_ids, e.g. (attention_mask.cumsum(-1) - 1).clamp(min=0)."
+        )

@@ -6,7 +6,7 @@ embedding at position `pos`; rotary off.
 Cost: the recurrence is unrolled over positions, max(position_ids) + 1 sequential steps per forward (each a
 [hidden x width] and a [width x hidden] product), and backpropagated through all of them when training. Inference
 without gradients keeps the unrolled positions and only extends them (exact: the recurrence is Markov), as long as
-the parameters have not changed; see docs/encodings.md for measured times.
+the parameters hold the same values (compared element-wise on each call); see docs/encodings.md for measured times.
 """
 
 from dataclasses import dataclass
@@ -57,11 +57,10 @@ class Recurrence(nn.Module):
 
     def positions(self, n: int) -> torch.Tensor:
         w = [t.float() for t in (self.w1, self.b1, self.w2, self.b2)]
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in self.parameters())
         rows = [self.start.float()]
         if not torch.is_grad_enabled():
             kept = self._kept
-            if kept is not None and kept[0] == key:
+            if kept is not None and self._same(kept[0]):
                 if kept[1].shape[0] >= n:
                     return kept[1][:n]
                 rows = list(kept[1])
@@ -69,8 +68,15 @@ class Recurrence(nn.Module):
             rows.append(self.step(rows[-1], w))
         table = torch.stack(rows)
         if not torch.is_grad_enabled():
-            self._kept = (key, table)
+            # a copy of the values, not (data_ptr, _version): an edit through `.data` (hand edits, old-style
+            # optimizers) has its own version counter and would leave stale positions (the parameters are small)
+            self._kept = ([t.detach().clone() for t in self.parameters()], table)
         return table
+
+    def _same(self, values) -> bool:
+        """Whether the parameters still hold `values` (dtype, device and every element)."""
+        return all(a.dtype == b.dtype and a.device == b.device and a.shape == b.shape and torch.equal(a, b)
+                   for a, b in zip(values, self.parameters()))
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         """p at `position_ids` (called, so that a PEFT `modules_to_save` wrapper hands it to its trained copy)."""

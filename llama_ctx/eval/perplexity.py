@@ -216,6 +216,7 @@ def forward_count(n_tokens: int, length: int, stride: int | None = None, max_con
     progress bars (`layer_progress` counts one step per decoder layer per forward)."""
     max_context, context_stride = check_context(max_context, context_stride)
     return sum(1 for begin, end, n_new in windows(n_tokens, length, stride or length)
+               if min(n_new, end - begin - 1) > 0  # a last window of one token scores nothing: no forward
                for _ in sub_windows(end - begin, min(n_new, end - begin - 1), max_context, context_stride))
 
 

@@ -117,6 +117,11 @@ def check(config: TrainConfig, device: str | None = None) -> Checked:
             raise ConfigError(f"context.params.max_positions: {rows} table rows do not cover seq_len {ctx.seq_len} "
                               f"(positions past the table are an error, never clamped); use max_positions >= "
                               f"{ctx.seq_len}")
+        longest = max(config.eval.lengths, default=0)  # checked now, not when the first evaluation fails
+        if rows is not None and rows < longest:
+            raise ConfigError(f"context.params.max_positions: {rows} table rows do not cover eval.lengths {longest} "
+                              f"(positions past the table are an error, never clamped); use max_positions >= "
+                              f"{longest} or shorter eval.lengths")
         if method.kind == "position" and config.s2_attn.enabled \
                 and "s2-attn" not in method.impl.compatible_attention:
             raise ConfigError(f"s2_attn.enabled: S2-attn is not combined with the position method {ctx.method!r} "
