@@ -263,10 +263,11 @@ def _positions_from_padding(attention_mask, past: int, L: int, fill_in: torch.Te
     if attention_mask is None or attention_mask.dim() != 4:
         return fill_in
     mask = attention_mask[:, 0, :, :past + L]
-    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-    real = allowed[:, -1]
-    if bool(real.all()):
+    visible = (lambda m: m) if mask.dtype == torch.bool else (lambda m: m > torch.finfo(m.dtype).min / 2)
+    real = visible(mask[:, -1])
+    if bool(real.all()):  # no padding: the common case reads one row of the mask
         return fill_in
+    allowed = visible(mask)
     counts = real.long().cumsum(-1)
     # only a padding mask: every query that sees itself sees exactly the real keys up to it. Anything else (a block
     # mask of packed documents, hiding earlier documents from the last query) keeps transformers' numbering, as the
