@@ -108,6 +108,22 @@ def scoring_of(label: str, window: int, context_stride: int) -> str:
     return f"max_context={window}:context_stride={context_stride}" if label == WINDOWED else "one-window"
 
 
+def prefix_of_longer(caches: dict, n: int, window: int, stride: int):
+    """stock@window at `n` tokens cut from a cached longer run, where that is exact: its sub-windows (anchored at the
+    start, `llama_ctx.eval.perplexity.sub_windows`) that score the first n - 1 targets are those of the length-n run."""
+    from llama_ctx.eval.perplexity import sub_windows
+
+    short = list(sub_windows(n, n - 1, window, stride))
+    for m, cache in caches.items():
+        data = cache.losses(WINDOWED, m, scoring_of(WINDOWED, window, stride)) if m > n else None
+        if data is None:
+            continue
+        long = {(b, e): k for b, e, k in sub_windows(m, m - 1, window, stride)}
+        if all(long.get((b, e), -1) >= k for b, e, k in short) and sum(k for _, _, k in short) == n - 1:
+            return dict(data, losses=data["losses"][:n - 1].clone(), length=n, derived_from=m)
+    return None
+
+
 def measure(model, ids: torch.Tensor, label: str, window: int, context_stride: int) -> dict:
     """Per-token losses of `ids` (targets 1 .. n-1) for one configuration, with its wall and CPU seconds."""
     from llama_ctx.eval.perplexity import token_losses
@@ -205,6 +221,8 @@ def main(argv=None) -> None:
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--best", type=int, default=3, help="passkey for this many configurations (lowest loss past T)")
+    ap.add_argument("--run", choices=("all", "search"), default="all",
+                    help="search: only the --search configurations (and passkey unless --no-passkey)")
     ap.add_argument("--report", action="store_true", help="only write the table and PNG from the cache")
     ap.add_argument("--cache", default=str(CACHE))
     ap.add_argument("--results", default=str(RESULTS), help="folder for long_context_quality.{json,md,png}")
@@ -235,13 +253,17 @@ def main(argv=None) -> None:
     log(f"SmolLM2-135M, trained window {window}; built-in text {len(text)} chars, {len(ids)} tokens; "
         f"{torch.get_num_threads()} torch threads")
     root = Path(args.cache)
-    runs = [(label, length) for label in labels] + [(label, search_length) for label in [WINDOWED, "stock", *search]]
+    runs = [(label, length, False) for label in labels if args.run == "all"]
+    runs += [(label, search_length, True) for label in ([WINDOWED, *search] if search else [])]
     caches = {n: Cache(root, hashlib.sha256(ids[:n].numpy().tobytes()).hexdigest()[:16]) for n in {length, search_length}}
-    for label, n in ([] if args.report else runs):
-        if n == search_length and not search:
-            continue
+    for label, n, _ in ([] if args.report else runs):
         scoring = scoring_of(label, window, stride)
         if caches[n].losses(label, n, scoring) is not None:
+            continue
+        if label == WINDOWED and (data := prefix_of_longer(caches, n, window, stride)) is not None:
+            caches[n].put_losses(label, n, scoring, data)
+            log(f"{label} at {n}: the first {n - 1} targets of the cached {data['derived_from']}-token run (same "
+                "sub-windows)")
             continue
         log(f"{label} at {n} ...")
         try:
@@ -295,7 +317,7 @@ def write_report(args, caches, labels, search, length, search_length, window, wi
     import platform
 
     rows, missing = load_rows(caches[length], labels, length, window, width, stride)
-    srows, smissing = (load_rows(caches[search_length], [WINDOWED, "stock", *search], search_length, window,
+    srows, smissing = (load_rows(caches[search_length], [WINDOWED, *search], search_length, window,
                                  min(width, search_length // 4), stride) if search else ([], []))
     ranked = best(rows, args.best)
     cells = passkey_cells(caches[length], ranked, pk_lengths, depths, args.trials, args.seed)
