@@ -1,21 +1,18 @@
 """Does long context help? SmolLM2-135M (trained window 8192) at 32K tokens, per 8K bucket, against the yardstick.
 
-    nice python benchmarks/long_context_quality.py                      # everything; reruns compute only what is missing
-    python benchmarks/long_context_quality.py --no-passkey              # bucket losses only
-    python benchmarks/long_context_quality.py --search-length 16k --search "dca:chunk_size=4096,rerope:window=1024"
-    python benchmarks/long_context_quality.py --report                  # table and PNG from the cache, no model run
+    nice python benchmarks/long_context_quality.py          # everything; a rerun computes only what is missing
+    python benchmarks/long_context_quality.py --no-passkey  # bucket losses only; --report: table and PNG, no forward
+    python benchmarks/long_context_quality.py --run search --search "dca:chunk_size=4096,rerope:window=1024"
 
 Text: `llama_ctx.eval.text.builtin_long_text` (the reference-manual topics of `pydoc_data.topics`, Python's own
 documentation, sorted by topic name), first `--length` tokens. Each configuration runs one forward over that one
-window and its per-token losses (float32) are cached under `results/long_context_quality/losses/`, keyed by the
-configuration, the length and a hash of the token ids; the table and the PNG are built from the cache.
-
-Configurations: `stock@window` is the yardstick, every token scored by the stock model with at most the trained
-window of context (`llama_ctx.eval.perplexity.token_losses`, windows of T tokens every `--context-stride`); `stock`
-is the unpatched model over the whole window; the others are `llama_ctx.patch` specs as `llama-ctx eval` takes them
-(`name:key=value`), `+` composes a rope and an attention method (`yarn:factor=4+dca`). Passkey retrieval
-(`llama_ctx.eval.passkey`, cached per cell) runs for the `--best` configurations ranked by mean loss past the window.
-Writes results/long_context_quality.{json,md,png}.
+window; its per-token losses are cached under `results/long_context_quality/losses/`, keyed by configuration,
+length and a hash of the token ids. `stock@window` is the yardstick: every token scored by the stock model with
+at most the trained window of context (`llama_ctx.eval.perplexity.token_losses` with `max_context`); `stock` is
+the unpatched model; the others are `llama_ctx.patch` specs as `llama-ctx eval` takes them (`name:key=value`),
+`+` composes a rope and an attention method (`yarn:factor=4+dca`). Passkey retrieval (`llama_ctx.eval.passkey`,
+cached per cell) runs for the `--best` configurations by mean loss past the window. Writes
+results/long_context_quality.{json,md,png}.
 """
 
 from __future__ import annotations
