@@ -87,8 +87,11 @@ def _inspect(args, extra: list[str]) -> None:
     window = (spec.unscaled() if params.get("replace_native") else spec).trained_window
     print(format_table(rows, window))
     if args.plot:
-        plot(rows, window, args.plot, title=f"{args.method or 'stock'} {params or ''}")
-        print(f"plot written to {args.plot}")
+        from .encodings.plots import png_path
+
+        path = png_path(args.plot)
+        plot(rows, window, path, title=f"{args.method or 'stock'} {params or ''}")
+        print(f"plot written to {path}")
 
 
 def parse_value(text: str):

@@ -71,6 +71,10 @@ def test_cli_plot_commands(tmp_path, capsys):
         assert main([*argv, "--out", str(tmp_path / png)]) == 0
         assert capsys.readouterr().out.strip() == f"plot written to {tmp_path / png}"
         assert (tmp_path / png).stat().st_size > 1000
+    # a name without a suffix: matplotlib writes NAME.png, and that is the path printed
+    assert main(["plot", "sinusoidal", "--positions", "20", "--dim", "32", "--out", str(tmp_path / "bare")]) == 0
+    assert capsys.readouterr().out.strip() == f"plot written to {tmp_path / 'bare.png'}"
+    assert (tmp_path / "bare.png").exists() and not (tmp_path / "bare").exists()
     for argv, message in [(["plot", "similarity", "--encoding", "learned"], "unknown encoding 'learned'"),
                           (["plot", "sinusoidal", "--dim", "7"], "dim must be even"),
                           (["plot", "similarity", "--model", str(tmp_path / "m")], "--model only applies to"),

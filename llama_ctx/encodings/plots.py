@@ -138,14 +138,21 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_plot)
 
 
+def png_path(out) -> Path:
+    """`out` as matplotlib writes it: a name without a suffix gets ".png" (so the path printed is the file written)."""
+    out = Path(out)
+    return out if out.suffix else out.with_suffix(".png")
+
+
 def _plot(args) -> None:
     from ..cli import load_config
 
+    args.out = args.out and png_path(args.out)
     if args.what == "sinusoidal":
         plot_sinusoidal(args.out, args.positions, args.dim, args.base)
         out = args.out
     elif args.what == "similarity":
-        out = args.out or f"similarity-{args.encoding}.png"
+        out = args.out or Path(f"similarity-{args.encoding}.png")
         inv_freq, label = None, ""
         if args.model or args.gguf_file:
             if args.encoding != "rope":
