@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import llama_ctx
-from conftest import ids, logits, tiny_model
+from conftest import assert_padded_generate_equals_full_forward, ids, logits, tiny_model
 from llama_ctx.errors import ConfigError, PatchStateError
 from llama_ctx.reference import s2
 from llama_ctx.reference.encodings import added, dense_logits, multiplied, recurrent_positions, sinusoidal_at
@@ -85,16 +85,7 @@ def test_left_padded_row_equals_the_row_alone(name):
 @pytest.mark.parametrize("name", list(CASES))
 def test_cached_generate_equals_full_forward(name):
     model = llama_ctx.patch(tiny_model(), name, **CASES[name][0])
-    x = ids(30, batch=2)
-    mask = torch.ones_like(x)
-    mask[0, :6] = 0  # left padding: generate() passes position_ids from the mask
-    out = model.generate(x, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-    steps = torch.stack(out.logits, 1)
-    full_mask = torch.cat([mask, torch.ones(2, 12, dtype=torch.long)], 1)
-    pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
-    full = logits(model, out.sequences, attention_mask=full_mask, position_ids=pos, use_cache=False)
-    torch.testing.assert_close(steps, full[:, 29:-1], atol=TOL, rtol=0)
+    assert_padded_generate_equals_full_forward(model, TOL)
 
 
 @pytest.mark.parametrize("name", list(CASES))

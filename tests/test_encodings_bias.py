@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import llama_ctx
-from conftest import ids, logits, tiny_model
+from conftest import assert_padded_generate_equals_full_forward, ids, logits, tiny_model
 from train_util import train_cache  # noqa: F401  (fixture)
 from llama_ctx.encodings import alibi_slopes, relative_position_bucket
 from llama_ctx.encodings.alibi import AlibiAttention
@@ -173,16 +173,7 @@ def test_left_padded_rows_equal_rows_alone(name, impl):
 @pytest.mark.parametrize("name,params,model_kw", CASES[::3])
 def test_cached_generate_equals_full_forward(name, params, model_kw, impl):
     model = patched(name, params, attn_implementation=impl, **model_kw)
-    x = ids(30, batch=2)
-    mask = torch.ones_like(x)
-    mask[0, :6] = 0  # left padding: generate() passes position_ids from the mask
-    out = model.generate(x, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-    steps = torch.stack(out.logits, 1)
-    full_mask = torch.cat([mask, torch.ones(2, 12, dtype=torch.long)], 1)
-    pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
-    full = logits(model, out.sequences, attention_mask=full_mask, position_ids=pos, use_cache=False)
-    torch.testing.assert_close(steps, full[:, 29:-1], atol=TOL, rtol=0)
+    assert_padded_generate_equals_full_forward(model, TOL)
 
 
 def test_static_cache_generate_equals_full_forward():
