@@ -9,7 +9,7 @@ import torch
 from transformers import StaticCache
 
 import llama_ctx
-from llama_ctx import UnsupportedModelError, compat
+from llama_ctx import compat
 from conftest import ids, tiny_model
 from test_compat import ATTENTION
 

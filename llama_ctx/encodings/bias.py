@@ -58,7 +58,6 @@ class BiasAttention(AttentionMethod):
         if cache is not None:
             k, v = append(cache, attn.layer_idx, k, v)
             k, v = k[:, :, :past + L], v[:, :, :past + L]  # a static layer returns its whole buffer
-        T = k.shape[2]
 
         before = torch.arange(past, 0, -1, device=position_ids.device)
         key_pos = torch.cat([position_ids[:, :1] - before, position_ids], dim=1)  # (B or 1, T)
