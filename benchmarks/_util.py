@@ -33,3 +33,19 @@ def best_times(fns: dict, repeats: int = 5, warmup: int = 1) -> dict[str, float]
             fn()
             best[name] = min(best[name], time.perf_counter() - t)
     return best
+
+
+def _status_bytes(key: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+
+def peak_rss_growth(fn) -> int:
+    """Growth of this process's peak resident set while `fn` runs (Linux: VmHWM reset through clear_refs), so
+    kernel-internal buffers count too."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_bytes("VmRSS")
+    fn()
+    return _status_bytes("VmHWM") - base

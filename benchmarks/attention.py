@@ -21,6 +21,9 @@ from llama_ctx.compat import cache_kwargs, output_cache
 from llama_ctx.attention.engine import rotate
 from llama_ctx.rope.module import cos_sin
 
+sys.path.insert(0, os.path.dirname(__file__))
+from _util import peak_rss_growth  # noqa: E402
+
 TRAINED = 2048
 clock = time.perf_counter  # `--cpu-time`: time.process_time
 METHODS = {
@@ -60,19 +63,7 @@ def side_by_side(fns, rounds=3):
     return best
 
 
-def _status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-
-
-def peak_bytes(fn):
-    """Growth of peak RSS while `fn` runs (Linux)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status("VmRSS")
-    fn()
-    return _status("VmHWM") - base
+peak_bytes = peak_rss_growth
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(__file__))
 import llama_ctx  # noqa: E402
-from _util import best_times  # noqa: E402
+from _util import best_times, peak_rss_growth  # noqa: E402
 
 
 def model_for_bench(length):
@@ -55,12 +55,6 @@ def step(model, inputs):
     model(**inputs, use_cache=False).loss.backward()
 
 
-def _status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-
-
 def child(args):
     """One variant in this fresh process: warm-up step, then the peak RSS growth of one step (printed as JSON)."""
     model, inputs = model_for_bench(args.length), batch(args.length, args.packed)
@@ -68,11 +62,7 @@ def child(args):
         llama_ctx.patch(model, "s2-attn", group_size_ratio=args.ratio)
     step(model, inputs)
     model.zero_grad(set_to_none=True)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status("VmRSS")
-    step(model, inputs)
-    print(json.dumps({"peak": _status("VmHWM") - base}))
+    print(json.dumps({"peak": peak_rss_growth(lambda: step(model, inputs))}))
 
 
 def saved_bytes(model, inputs):

@@ -27,6 +27,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import llama_ctx
 from llama_ctx.compat import cache_kwargs, output_cache
 
+sys.path.insert(0, os.path.dirname(__file__))
+from _util import peak_rss_growth  # noqa: E402
+
 
 def model():
     torch.manual_seed(0)
@@ -69,19 +72,11 @@ def tail_over_head(times):
     return statistics.median(times[-k:]) / statistics.median(times[:k])
 
 
-def _status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-
-
 def peak_bytes(fn):
     """(growth of peak RSS while `fn` runs (Linux), its wall time)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base, t0 = _status("VmRSS"), time.perf_counter()
-    fn()
-    return _status("VmHWM") - base, time.perf_counter() - t0
+    t0 = time.perf_counter()
+    grown = peak_rss_growth(fn)
+    return grown, time.perf_counter() - t0
 
 
 @torch.no_grad()
