@@ -38,16 +38,10 @@ def add_parser(sub) -> None:
 
 
 def read_yaml(path) -> dict:
-    import yaml
+    from ..train.config import read_yaml as read_sections  # the file, YAML and mapping checks of the training config
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config: {str(path)!r} does not exist")
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--config: {str(path)!r} is not valid YAML: {e}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("data"), dict):
+    doc = read_sections(path)
+    if not isinstance(doc.get("data"), dict):
         raise ConfigError(f"--config: {str(path)!r} has no `data:` section (a mapping with `sources:`)")
     return doc
 
