@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ids, tiny_model
+from conftest import clone_with, ids, tiny_model
 from test_eval_window import allowed_begin, brute_loss
 
 import llama_ctx
@@ -185,6 +185,41 @@ def test_passkey_bad_input():
         passkey(FakeLM(tok), tok, [600], [1.5], 1, 0)
 
 
+SHARED_CASES = {"stock": None, "yarn": dict(factor=4), "rerope": dict(window=16),
+                "leaky-rerope": dict(window=16, factor=4), "self-extend": dict(group_size=8, window=16),
+                "lambda": dict(global_tokens=4, local_window=32), "dca": dict(chunk_size=48, local_window=8)}
+
+
+@pytest.mark.parametrize("method", list(SHARED_CASES))
+def test_passkey_with_a_shared_prefix_gives_the_same_outputs_for_less_compute(method):
+    tok, model = char_tokenizer(), tiny_model(max_position_embeddings=64)
+    if SHARED_CASES[method] is not None:
+        llama_ctx.patch(model, method, **SHARED_CASES[method])
+    fed = []
+    model.model.register_forward_pre_hook(lambda m, a, kw: fed.append((kw.get("input_ids") if "input_ids" in kw
+                                                                       else a[0]).shape[1]), with_kwargs=True)
+    plain = passkey(model, tok, [300], [0.1, 0.9], trials=3, seed=1)
+    cost = sum(fed)
+    fed.clear()
+    shared = passkey(model, tok, [300], [0.1, 0.9], trials=3, seed=1, share_prefix=True)
+    assert [c["outputs"] for c in shared.cells] == [c["outputs"] for c in plain.cells]
+    assert all(len(set(c["outputs"])) >= 1 and c["outputs"][0] for c in plain.cells)  # real text was generated
+    # depth 0.9: the three trials share ~90% of their prompt, depth 0.1 ~10%: (0.1 + 3 * 0.9 + 0.9 + 3 * 0.1) / 6
+    assert sum(fed) < 0.7 * cost
+
+
+@pytest.mark.parametrize("method,params", [("dynamic-ntk", dict(factor=4)), ("streaming", dict(sink_tokens=4,
+                                                                                               window=32))])
+def test_passkey_share_prefix_refuses_methods_where_pieces_differ(method, params):
+    tok, model = char_tokenizer(), tiny_model()
+    llama_ctx.patch(model, method, **params)
+    with pytest.raises(ConfigError, match=f"share_prefix=True.*{method}.*use share_prefix=False"):
+        passkey(model, tok, [300], [0.5], trials=2, seed=0, share_prefix=True)
+    native = clone_with(tiny_model(), rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0))
+    with pytest.raises(ConfigError, match="native rope_type 'dynamic'"):
+        passkey(native, tok, [300], [0.5], trials=2, seed=0, share_prefix=True)
+
+
 # ---- needle ----------------------------------------------------------------------------------------------------
 
 NEEDLE = "The secret ingredient of the soup is fresh basil."
@@ -252,6 +287,33 @@ def test_specs_and_lengths():
             parse_method_spec(bad)
 
 
+def test_composed_specs_patch_left_to_right_and_unpatch(model):
+    spec = parse_method_spec("yarn:factor=2+dca:chunk_size=48")
+    assert spec.label == "yarn:factor=2+dca:chunk_size=48" and parse_method_spec(spec.label) == spec
+    assert spec.patch_call() == ("llama_ctx.patch(model, 'yarn', factor=2); "
+                                 "llama_ctx.patch(model, 'dca', chunk_size=48)")
+    assert parse_method_spec("ntk:base=1e+5").params == {"base": 1e5}  # the + of a number is not a composition
+    x = ids(100)
+    with spec.applied(model):
+        assert [a["method"] for a in llama_ctx.state(model).values()] == ["yarn", "dca"]
+        got = model(x).logits
+    assert llama_ctx.state(model) is None
+    llama_ctx.patch(model, "yarn", factor=2)
+    llama_ctx.patch(model, "dca", chunk_size=48)
+    torch.testing.assert_close(got, model(x).logits, rtol=0, atol=0)
+    llama_ctx.unpatch(model)
+    for bad, msg in [("yarn:factor=2+pi:factor=2", "composes two rope methods"), ("stock+dca", "cannot be composed"),
+                     ("yarn:factor=2+", "no method name")]:
+        with pytest.raises(ConfigError, match=msg):
+            parse_method_spec(bad)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(llama_ctx.errors.PatchStateError, match="'nope' turns rotary off"):  # model restored
+        with parse_method_spec("yarn:factor=2+nope").applied(model):
+            pass
+    assert llama_ctx.state(model) is None
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_load_text_sources(tmp_path):
     (tmp_path / "a.txt").write_text("alpha text")
     (tmp_path / "b.jsonl").write_text('{"body": "beta"}\n{"body": "gamma"}\n')
@@ -296,6 +358,25 @@ def test_sweep_ranks_grid_against_stock(model, tmp_path, monkeypatch):
         region_loss(perplexity(model, seq, [128], buckets=48), 128, 64, True)
     with pytest.raises(ConfigError, match="no grid"):
         sweep(model, seq, 128, methods=["base-truncation"])
+
+
+def test_sweep_of_a_composition_is_the_product_of_its_grids(model):
+    seq = ids(128)[0]
+    res = sweep(model, seq, 128, methods=["yarn:factor=4+dca"], buckets=32)
+    # T = 64: dca's four (chunk_size, local_window) points, each under yarn factor 4
+    want = {f"yarn:factor=4+dca:chunk_size={c}:local_window={w}" for c, w in [(48, 4), (48, 16), (32, 4), (56, 4)]}
+    assert {x["label"] for x in res.ranking} == want | {"stock", "stock@window"}
+    assert len(candidates(model, 128, ["yarn+dca"])) == 2 + 2 * 4  # yarn factors 2 and 4 (r / 2 = 1 is dropped) x dca
+    row = next(x for x in res.ranking if x["label"].endswith("chunk_size=48:local_window=4"))
+    llama_ctx.patch(model, "yarn", factor=4)
+    llama_ctx.patch(model, "dca", chunk_size=48, local_window=4)
+    both = [loss for p, loss in reference_token_losses(model, seq, 128, 128)[0] if p >= 64]
+    llama_ctx.unpatch(model)
+    with llama_ctx.patched(model, "dca", chunk_size=48, local_window=4):
+        alone = [loss for p, loss in reference_token_losses(model, seq, 128, 128)[0] if p >= 64]
+    assert row["loss_beyond"] == pytest.approx(sum(both) / len(both), abs=2e-6)
+    # and that agreement tells the two apart: without the yarn part the mean would be 10x the tolerance away
+    assert abs(sum(alone) / len(alone) - sum(both) / len(both)) > 10 * 2e-6
 
 
 def test_sweep_regions_are_split_at_the_trained_window(model):
@@ -405,6 +486,13 @@ def test_cli_passkey_and_sweep_run(saved, tmp_path, capsys):
     assert "passkey accuracy" in capsys.readouterr().out
     cells = json.loads((out / "passkey" / "results.json").read_text())["yarn:factor=4"]["cells"]
     assert [(c["length"], c["depth"], c["trials"]) for c in cells] == [(300, 0.0, 1), (300, 1.0, 1)]
+    runs = {}
+    for flag in ([], ["--share-prefix"]):  # shared where exact (stock, yarn), whole prompts for dynamic-ntk
+        cli("eval", "passkey", "--model", path, "--out", tmp_path / f"pk{flag}", "--lengths", "300", "--depths", "0.5",
+            "--trials", "2", "--methods", "stock,yarn:factor=4,dynamic-ntk:factor=4", *flag)
+        runs[bool(flag)] = json.loads((tmp_path / f"pk{flag}" / "passkey" / "results.json").read_text())
+    assert runs[True] == runs[False] and len(runs[True]) == 3
+    capsys.readouterr()
     cli("sweep", "--model", path, "--text", text, "--target", "128", "--methods", "pi", "--out", out)
     printed = capsys.readouterr().out
     assert "best: llama_ctx." in printed and (out / "sweep" / "sweep.csv").is_file()

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..io import DTYPES
 from .needle import NeedleResult, needle
-from .passkey import PasskeyResult, passkey
+from .passkey import PasskeyResult, passkey, shareable
 from .perplexity import PerplexityResult, as_token_ids, check_enough, forward_count, perplexity
 from .progress import layer_progress
 from .results import line_style, new_figure, save_figure, write_atomic
@@ -64,6 +64,9 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="passkey/needle: relative depths")
     p.add_argument("--trials", type=int, default=3, help="passkey: prompts per cell")
     p.add_argument("--seed", type=int, default=0, help="passkey: key seed")
+    p.add_argument("--share-prefix", action="store_true",
+                   help="passkey: prefill the common prompt prefix of a cell's trials once (same outputs, 2/3 of the "
+                   "prefill at depths 0.1,0.5,0.9) where that is exact; other methods run each prompt whole")
     p.add_argument("--needle", default=NEEDLE)
     p.add_argument("--question", default=QUESTION)
     p.add_argument("--answer", default=ANSWER)
@@ -196,7 +199,8 @@ def run_eval(args) -> None:
                                           max_context=spec.max_context(model)).to_dict()
                     elif args.task == "passkey":
                         inner.reset(total=None)  # generation: as many forwards as tokens generated
-                        data = passkey(model, tokenizer, [n], [d], args.trials, args.seed).cells[0]
+                        data = passkey(model, tokenizer, [n], [d], args.trials, args.seed,
+                                       share_prefix=args.share_prefix and shareable(model)).cells[0]
                     else:
                         inner.reset(total=None)
                         data = needle(model, tokenizer, haystack, args.needle, args.question, args.answer, [n],

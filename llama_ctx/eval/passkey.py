@@ -6,10 +6,16 @@ a whole number.
 The prompt is fitted to the requested length: it has at most `length` tokens and less than one filler sentence
 group fewer. `depth` is the fraction of the filler placed before the key (0 = right after the instructions,
 1 = right before the question).
+With `share_prefix=True` the trials of a cell, whose prompts differ only from the key on, prefill their common
+token prefix once and continue from a copy of its cache: the same greedy outputs with 2/3 of the tokens
+prefilled at depths 0.1, 0.5, 0.9. That is exact wherever a prompt prefilled in pieces equals one forward: the
+stock model, the static rope methods and the position-rewriting attention methods (`SHAREABLE`); anything else
+is refused rather than answered differently.
 """
 
 from __future__ import annotations
 
+import copy
 import random
 import re
 from dataclasses import dataclass, field
@@ -26,6 +32,10 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 KEY_SENTENCE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\nWhat is the pass key? The pass key is"
 MAX_NEW_TOKENS = 10
+# attention methods whose prefill in pieces is exact (tests/test_attention_engine.py
+# test_prefill_in_pieces_equals_one_forward); rope methods qualify unless their frequencies follow the length
+SHAREABLE = ("rerope", "leaky-rerope", "self-extend", "lambda", "dca")
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")  # native rope types that rescale with the current length
 
 
 def count_tokens(tokenizer, text: str) -> int:
@@ -77,6 +87,55 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
 
 
+def check_shareable(model) -> None:
+    """A `ConfigError` unless prefilling a prompt in pieces is exact for `model` as patched (see `SHAREABLE`)."""
+    from ..patch import backbone_of, state
+    from ..registry import get
+
+    applied = state(model) or {}
+    bad = [a["method"] for a in applied.values()
+           if not (a["kind"] == "rope" and not get(a["method"]).dynamic or a["method"] in SHAREABLE)]
+    rope_type = (getattr(backbone_of(model).config, "rope_parameters", None) or {}).get("rope_type")
+    if "rope" not in applied and rope_type in LENGTH_DEPENDENT_ROPE:
+        bad.append(f"native rope_type {rope_type!r}")
+    if bad:
+        raise ConfigError(f"share_prefix=True needs a prompt prefilled in pieces to equal one forward, which "
+                          f"{', '.join(bad)} does not guarantee (frequencies or kept keys depend on the length "
+                          f"seen); use share_prefix=False (methods allowed: static rope methods, "
+                          f"{', '.join(SHAREABLE)})")
+
+
+def shareable(model) -> bool:
+    """Whether `check_shareable(model)` passes."""
+    try:
+        check_shareable(model)
+    except ConfigError:
+        return False
+    return True
+
+
+def generate_shared(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """`generate` of each prompt, with their common token prefix prefilled once and its cache copied per prompt."""
+    from ..compat import cache_kwargs, output_cache
+
+    device = next(model.parameters()).device
+    ids = [tokenizer(p, return_tensors="pt")["input_ids"].to(device) for p in prompts]
+    common = min(len(x[0]) for x in ids) - 1  # every prompt keeps at least one token to feed
+    for x in ids[1:]:
+        same = (x[0, :common] != ids[0][0, :common]).nonzero()
+        common = int(same[0]) if len(same) else common
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.inference_mode():
+        prefix = output_cache(model(ids[0][:, :common], use_cache=True)) if common else None
+        outs = []
+        for x in ids:
+            kw = cache_kwargs(copy.deepcopy(prefix)) if prefix is not None else {}
+            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad, **kw)
+            outs.append(tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True))
+    return outs
+
+
 @dataclass
 class PasskeyResult(Result):
     """Args:
@@ -116,7 +175,7 @@ def heatmap(ax, cells: list[dict], value: str, label: str) -> None:
     ax.figure.colorbar(im, ax=ax, label=label)
 
 
-def passkey(model, tokenizer, lengths, depths, trials, seed) -> PasskeyResult:
+def passkey(model, tokenizer, lengths, depths, trials, seed, share_prefix: bool = False) -> PasskeyResult:
     """Passkey retrieval accuracy per (length, depth).
 
     Args:
@@ -126,21 +185,26 @@ def passkey(model, tokenizer, lengths, depths, trials, seed) -> PasskeyResult:
         depths: relative key depths in [0, 1].
         trials: prompts per cell, each with its own key.
         seed: keys are drawn from (seed, length, depth, trial).
+        share_prefix: prefill the trials' common prefix once per cell (same outputs, less compute; refused for
+            methods where that is not exact, see `check_shareable`).
     """
     lengths = [check_int("length", n) for n in lengths]
     depths = [check_number("depth", d, ge=0) for d in depths]
     if any(d > 1 for d in depths):
         raise ConfigError(f"depths must lie in [0, 1], got {depths}")
     trials = check_int("trials", trials)
+    if share_prefix:
+        check_shareable(model)
     result = PasskeyResult()
     for length in lengths:
         for depth in depths:
-            keys, outputs, tokens = [], [], 0
-            for t in range(trials):
-                key = trial_key(seed, length, depth, t)
-                prompt, tokens = passkey_prompt(tokenizer, length, depth, key)
-                keys.append(key)
-                outputs.append(generate(model, tokenizer, prompt, MAX_NEW_TOKENS))
+            keys = [trial_key(seed, length, depth, t) for t in range(trials)]
+            prompts = [passkey_prompt(tokenizer, length, depth, key) for key in keys]
+            tokens = prompts[-1][1]
+            if share_prefix:
+                outputs = generate_shared(model, tokenizer, [p for p, _ in prompts], MAX_NEW_TOKENS)
+            else:
+                outputs = [generate(model, tokenizer, p, MAX_NEW_TOKENS) for p, _ in prompts]
             correct = sum(passkey_correct(o, k) for o, k in zip(outputs, keys))
             result.cells.append(dict(length=length, depth=depth, tokens=tokens, trials=trials, correct=correct,
                                      accuracy=correct / trials, keys=keys, outputs=outputs))

@@ -1,5 +1,5 @@
-"""Parsing what users type: method specs (`yarn:factor=4:beta_fast=16`, `stock`, `stock@window`) and lengths
-(`8k`, `32768`)."""
+"""Parsing what users type: method specs (`yarn:factor=4:beta_fast=16`, `stock`, `stock@window`, and
+compositions such as `yarn:factor=2+dca`) and lengths (`8k`, `32768`)."""
 
 from __future__ import annotations
 
@@ -19,31 +19,44 @@ STOCK_WINDOW = "stock@window"
 @dataclass(frozen=True)
 class MethodSpec:
     """A method and its parameters; `name == "stock"` means no patch, `"stock@window"` no patch and every token
-    scored with at most the trained window of context."""
+    scored with at most the trained window of context. `before`: methods of other kinds patched first (a rope
+    method under an attention method, `yarn:factor=2+dca`)."""
 
     name: str
     params: dict = field(default_factory=dict)
+    before: tuple["MethodSpec", ...] = ()
 
     @property
     def label(self) -> str:
-        """Canonical text form, e.g. "yarn:factor=4"; used in tables, file names and result keys."""
-        return ":".join([self.name, *(f"{k}={v}" for k, v in self.params.items())])
+        """Canonical text form, e.g. "yarn:factor=4" or "yarn:factor=2+dca"; used in tables, file names and
+        result keys."""
+        own = ":".join([self.name, *(f"{k}={v}" for k, v in self.params.items())])
+        return "+".join([*(b.label for b in self.before), own])
 
     def patch_call(self, model: str = "model") -> str:
-        """The Python call that applies this method."""
+        """The Python call(s) that apply this method."""
         if self.name == STOCK:
             return f"llama_ctx.unpatch({model})  # stock: no method"
         if self.name == STOCK_WINDOW:
             return f"llama_ctx.unpatch({model})  # stock, scored through windows of its trained length"
         args = "".join(f", {k}={v!r}" for k, v in self.params.items())
-        return f"llama_ctx.patch({model}, {self.name!r}{args})"
+        own = f"llama_ctx.patch({model}, {self.name!r}{args})"
+        return "; ".join([*(b.patch_call(model) for b in self.before), own])
 
+    @contextlib.contextmanager
     def applied(self, model):
         """Context manager: the model patched with this method (nothing for stock), unpatched on exit."""
-        from ..patch import patched
+        from ..patch import patch, unpatch
 
-        unpatched = self.name in (STOCK, STOCK_WINDOW)
-        return contextlib.nullcontext(model) if unpatched else patched(model, self.name, **self.params)
+        if self.name in (STOCK, STOCK_WINDOW):
+            yield model
+            return
+        try:
+            for part in (*self.before, self):
+                patch(model, part.name, **part.params)
+            yield model
+        finally:
+            unpatch(model)  # also after a failed patch: unpatch restores whatever was applied
 
     def max_context(self, model) -> int | None:
         """The `max_context` to measure this spec's perplexity with: the trained window for stock@window, else None."""
@@ -59,11 +72,27 @@ class MethodSpec:
 
 
 def parse_method_spec(text: str) -> MethodSpec:
-    """`name[:k=v[:k=v...]]` -> MethodSpec; values parsed as int / float / bool / str; the name must be registered."""
+    """`name[:k=v[:k=v...]]` -> MethodSpec; values parsed as int / float / bool / str; the name must be registered.
+    `spec+spec` composes methods of different kinds, patched left to right (`yarn:factor=2+dca`)."""
+    from ..registry import get
+
+    parts = [_parse_one(t, text) for t in re.split(r"\+(?![0-9])", text)]  # not the + of 1e+5
+    if len(parts) == 1:
+        return parts[0]
+    if any(p.name in (STOCK, STOCK_WINDOW) for p in parts):
+        raise ConfigError(f"method spec {text!r}: stock and stock@window cannot be composed with other methods")
+    kinds = [get(p.name).kind for p in parts]
+    if len(set(kinds)) < len(kinds):
+        raise ConfigError(f"method spec {text!r} composes two {max(kinds, key=kinds.count)} methods; compose at most "
+                          "one method of each kind, e.g. yarn:factor=2+dca")
+    return MethodSpec(parts[-1].name, parts[-1].params, tuple(parts[:-1]))
+
+
+def _parse_one(part: str, text: str) -> MethodSpec:
     from ..cli import parse_value
     from ..registry import get
 
-    name, *pairs = text.strip().split(":")
+    name, *pairs = part.strip().split(":")
     if "@" in name and name != STOCK_WINDOW:
         raise ConfigError(f"method spec {text!r}: '@' is only used in {STOCK_WINDOW!r} (the stock model through "
                           "windows of its trained length); write stock@window, or a method name without '@'")

@@ -9,6 +9,7 @@ same tokens with at most T tokens of context) is ranked too: a candidate above i
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -16,7 +17,7 @@ from .. import registry
 from ..errors import ConfigError, LlamaCtxError
 from .perplexity import PerplexityResult, as_token_ids, bucket_edges, check_enough, perplexity, trained_window
 from .results import Result, line_style
-from .specs import STOCK, STOCK_WINDOW, MethodSpec
+from .specs import STOCK, STOCK_WINDOW, MethodSpec, parse_method_spec
 
 
 def _factors(r: float, T: int, L: int) -> list[dict]:
@@ -39,13 +40,17 @@ GRID = {
     "yarn": _factors,
     "llama3": _factors,
     "dynamic-ntk": _factors,
-    "rerope": lambda r, T, L: [{"window": w} for w in _windows(T)],
+    "rerope": lambda r, T, L: [{"window": w, "log_scale": log} for w in _windows(T) for log in (True, False)],
     "leaky-rerope": lambda r, T, L: [{"window": w, "factor": _cover(L, T, w)} for w in _windows(T)],
     # Self-Extend covers (T - window) * group_size + window positions: the smallest covering group_size, and twice it
     "self-extend": lambda r, T, L: [{"window": w, "group_size": g}
                                     for w in _windows(T) for g in sorted({math.ceil((L - w) / (T - w)),
                                                                           2 * math.ceil((L - w) / (T - w))})],
     "lambda": lambda r, T, L: [{"local_window": T}, {"local_window": max(T // 2, 1)}],
+    # the paper's point (chunk 3T/4, local window T/16), a longer local window, shorter and longer chunks
+    "dca": lambda r, T, L: [{"chunk_size": c, "local_window": w}
+                            for c, w in [(3 * T // 4, T // 16), (3 * T // 4, T // 4), (T // 2, T // 16),
+                                         (7 * T // 8, T // 16)]],
     # the largest window the 4 default sinks allow: positions reach sink_tokens + window, which must stay < T
     "streaming": lambda r, T, L: [{"window": max(T - 5, 1)}],
     "topk": lambda r, T, L: [{"k": max(T // 8, 1)}, {"k": max(T // 4, 1)}],
@@ -56,7 +61,7 @@ GRID = {
 def candidates(model, target: int, methods=None) -> list[MethodSpec]:
     """Stock and stock@window first, then the grid of every method in `methods` (names or MethodSpecs whose
     parameters are kept fixed in every grid point; default: every registered method of `GRID`). Unregistered names
-    are skipped."""
+    are skipped. A composed spec (`yarn+dca`, `yarn:factor=2+dca`) gives the product of its parts' grids."""
     T = trained_window(model)
     if T is None:
         raise ConfigError("sweep needs a LLaMA-layout model whose config gives its trained window")
@@ -65,14 +70,17 @@ def candidates(model, target: int, methods=None) -> list[MethodSpec]:
     registry._load_all()
     specs = [MethodSpec(STOCK), MethodSpec(STOCK_WINDOW)]
     for m in (GRID if methods is None else methods):
-        spec = m if isinstance(m, MethodSpec) else MethodSpec(m)
+        spec = m if isinstance(m, MethodSpec) else parse_method_spec(m) if ":" in m or "+" in m else MethodSpec(m)
         if spec.name in (STOCK, STOCK_WINDOW):
             continue
-        if spec.name not in GRID:
-            raise ConfigError(f"sweep has no grid for {spec.name!r}; grids exist for {', '.join(GRID)}")
-        if spec.name not in registry._METHODS:
+        parts = (*spec.before, spec)
+        if missing := [p.name for p in parts if p.name not in GRID]:
+            raise ConfigError(f"sweep has no grid for {missing[0]!r}; grids exist for {', '.join(GRID)}")
+        if any(p.name not in registry._METHODS for p in parts):
             continue  # not registered in this installation
-        specs += [MethodSpec(spec.name, {**point, **spec.params}) for point in GRID[spec.name](target / T, T, target)]
+        grids = [[MethodSpec(p.name, {**point, **p.params}) for point in GRID[p.name](target / T, T, target)]
+                 for p in parts]
+        specs += [MethodSpec(last.name, last.params, tuple(first)) for *first, last in itertools.product(*grids)]
     return list({s.label: s for s in specs}.values())
 
 
