@@ -126,7 +126,8 @@ def generate_shared(model, tokenizer, prompts: list[str], max_new_tokens: int) -
         common = int(same[0]) if len(same) else common
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.inference_mode():
-        prefix = output_cache(model(ids[0][:, :common], use_cache=True)) if common else None
+        # logits_to_keep=1: the prefix's logits are not used (all of them: 3 GB at 30K tokens of a 49K vocabulary)
+        prefix = output_cache(model(ids[0][:, :common], use_cache=True, logits_to_keep=1)) if common else None
         outs = []
         for x in ids:
             kw = cache_kwargs(copy.deepcopy(prefix)) if prefix is not None else {}
