@@ -98,6 +98,12 @@ def check_shareable(model) -> None:
     rope_type = (getattr(backbone_of(model).config, "rope_parameters", None) or {}).get("rope_type")
     if "rope" not in applied and rope_type in LENGTH_DEPENDENT_ROPE:
         bad.append(f"native rope_type {rope_type!r}")
+    # generate() builds the cache the generation config names itself and refuses the prefilled one (a ValueError)
+    implementation = getattr(getattr(model, "generation_config", None), "cache_implementation", None)
+    if implementation is not None:
+        raise ConfigError(f"share_prefix=True continues from a prefilled DynamicCache, and this model's "
+                          f"generation_config asks generate() for cache_implementation={implementation!r}; use "
+                          f"share_prefix=False (or set model.generation_config.cache_implementation = None)")
     if bad:
         raise ConfigError(f"share_prefix=True needs a prompt prefilled in pieces to equal one forward, which "
                           f"{', '.join(bad)} does not guarantee (frequencies or kept keys depend on the length "
