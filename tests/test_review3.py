@@ -1,11 +1,12 @@
 """Review of composed method specs, the sweep of compositions and passkey's share_prefix."""
 
 import pytest
-from conftest import tiny_model
+from conftest import ids, tiny_model
 from test_eval import char_tokenizer
 
 from llama_ctx.errors import ConfigError
 from llama_ctx.eval.passkey import passkey, shareable
+from llama_ctx.eval.sweep import sweep
 
 
 def test_share_prefix_refuses_a_model_whose_generation_config_names_a_cache():
@@ -18,3 +19,14 @@ def test_share_prefix_refuses_a_model_whose_generation_config_names_a_cache():
         passkey(model, tok, [300], [0.5], trials=2, seed=0, share_prefix=True)
     assert passkey(model, tok, [300], [0.5], trials=2, seed=0).cells[0]["outputs"]  # whole prompts still run
 
+
+def test_a_composed_sweep_row_names_every_part():
+    # the row's method / params were the last part's alone (method 'dca'), so sweep.json described the winner
+    # "yarn:factor=4+dca:..." as DCA without YaRN
+    res = sweep(tiny_model(), ids(128)[0], 128, methods=["yarn:factor=4+dca:chunk_size=48:local_window=4"],
+                buckets=32)
+    row = next(x for x in res.ranking if x["label"].startswith("yarn"))
+    assert row["method"] == "yarn+dca"
+    assert row["params"] == {"yarn": {"factor": 4}, "dca": {"chunk_size": 48, "local_window": 4}}
+    plain = sweep(tiny_model(), ids(128)[0], 128, methods=["lambda:local_window=64"], buckets=32)
+    assert next(x for x in plain.ranking if x["method"] == "lambda")["params"] == {"local_window": 64}

@@ -109,7 +109,8 @@ def region_loss(r: PerplexityResult, length: int, window: int, beyond: bool) -> 
 class SweepResult(Result):
     """Args:
     target: evaluation length; trained_window: the model's.
-    ranking: one dict per candidate, best first: rank, method, params, label, ppl, loss_within, loss_beyond,
+    ranking: one dict per candidate, best first: rank, method, params (a composition: method "yarn+dca", params
+        {"yarn": {...}, "dca": {...}}), label, ppl, loss_within, loss_beyond,
         delta_vs_window (loss_beyond minus stock@window's: negative = the long context helped; NaN without that
         row), delta_vs_stock (loss_beyond minus stock's), bucket_loss, patch (the call that applies it), error.
     """
@@ -123,7 +124,11 @@ class SweepResult(Result):
         """Rank `runs` (a result, or an error message) by loss beyond the trained window."""
         rows = []
         for spec, r in runs:
-            row = dict(method=spec.name, params=dict(spec.params), label=spec.label, patch=spec.patch_call())
+            parts = (*spec.before, spec)
+            # a composition names every part: its last part's name and parameters alone would read as that method
+            method = "+".join(p.name for p in parts) if spec.before else spec.name
+            params = {p.name: dict(p.params) for p in parts} if spec.before else dict(spec.params)
+            row = dict(method=method, params=params, label=spec.label, patch=spec.patch_call())
             if isinstance(r, str):
                 row.update(ppl=float("nan"), loss_within=float("nan"), loss_beyond=float("nan"), bucket_loss=[],
                            error=r)
