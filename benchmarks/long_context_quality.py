@@ -171,9 +171,9 @@ def best(rows: list[dict], k: int) -> list[str]:
 
 
 def run_passkey(model, tokenizer, cache: Cache, label: str, lengths, depths, trials: int, seed: int, log) -> None:
-    """The missing passkey cells of `label`; the trials of a cell prefill their common prefix once (exact for these
-    methods, `llama_ctx.eval.passkey.check_shareable`), in `model`'s dtype."""
-    from llama_ctx.eval.passkey import passkey
+    """The missing passkey cells of `label`, in `model`'s dtype; the trials of a cell prefill their common prefix once
+    where that is exact (`llama_ctx.eval.passkey.check_shareable`), else each prompt runs whole."""
+    from llama_ctx.eval.passkey import passkey, shareable
 
     dtype = str(model.dtype).removeprefix("torch.")
     for n in lengths:
@@ -182,7 +182,8 @@ def run_passkey(model, tokenizer, cache: Cache, label: str, lengths, depths, tri
                 continue
             wall, cpu = time.perf_counter(), time.process_time()
             with applied(model, label):
-                cell = passkey(model, tokenizer, [n], [d], trials, seed, share_prefix=True).cells[0]
+                # a --methods configuration may not share (dynamic NTK, streaming...): whole prompts, not a crash
+                cell = passkey(model, tokenizer, [n], [d], trials, seed, share_prefix=shareable(model)).cells[0]
             cell.update(wall_s=time.perf_counter() - wall, cpu_s=time.process_time() - cpu, dtype=dtype)
             cache.put_passkey(label, n, d, trials, seed, dtype, cell)
             log(f"passkey {label} length {n} depth {d}: {cell['correct']}/{trials} "
