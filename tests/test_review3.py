@@ -16,13 +16,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import long_context_quality as lcq  # noqa: E402
 
 
-def test_share_prefix_refuses_a_model_whose_generation_config_names_a_cache():
-    # generate() builds that cache itself and refuses the prefilled DynamicCache with a transformers ValueError,
-    # after `shareable` said yes (so `eval passkey --share-prefix` crashed instead of running the prompts whole)
+@pytest.mark.parametrize("setting,value,named", [("cache_implementation", "static", "cache_implementation='static'"),
+                                                 ("use_cache", False, "use_cache=False"),
+                                                 ("prompt_lookup_num_tokens", 3, "assisted_generation decoding"),
+                                                 ("num_beams", 2, "beam_search decoding"),
+                                                 ("prefill_chunk_size", 16, "prefill_chunk_size=16")])
+def test_share_prefix_refuses_generation_settings_that_do_not_continue_from_the_cache(setting, value, named):
+    # shareable() said yes to these: use_cache=False (a checkpoint saved with "use_cache": false) and prompt lookup
+    # gave other outputs silently, as did prefill_chunk_size on transformers 5.18; a cache_implementation
+    # (ValueError) or beams (RuntimeError) crashed eval passkey --share-prefix instead of running the prompts whole
     tok, model = char_tokenizer(), tiny_model(max_position_embeddings=64)
-    model.generation_config.cache_implementation = "static"
+    setattr(model.generation_config, setting, value)
     assert not shareable(model)
-    with pytest.raises(ConfigError, match="cache_implementation='static'"):
+    with pytest.raises(ConfigError, match=f"generation_config \\({named}\\)"):
         passkey(model, tok, [300], [0.5], trials=2, seed=0, share_prefix=True)
     assert passkey(model, tok, [300], [0.5], trials=2, seed=0).cells[0]["outputs"]  # whole prompts still run
 

@@ -98,12 +98,23 @@ def check_shareable(model) -> None:
     rope_type = (getattr(backbone_of(model).config, "rope_parameters", None) or {}).get("rope_type")
     if "rope" not in applied and rope_type in LENGTH_DEPENDENT_ROPE:
         bad.append(f"native rope_type {rope_type!r}")
-    # generate() builds the cache the generation config names itself and refuses the prefilled one (a ValueError)
-    implementation = getattr(getattr(model, "generation_config", None), "cache_implementation", None)
-    if implementation is not None:
-        raise ConfigError(f"share_prefix=True continues from a prefilled DynamicCache, and this model's "
-                          f"generation_config asks generate() for cache_implementation={implementation!r}; use "
-                          f"share_prefix=False (or set model.generation_config.cache_implementation = None)")
+    # generation settings under which generate() does not continue from the prefilled cache as given: use_cache=False,
+    # prompt lookup (assisted decoding) and prefill_chunk_size on 5.18 give other outputs silently; a
+    # cache_implementation or beams raise in generate
+    gen = getattr(model, "generation_config", None)
+    odd = [f"{k}={v!r}" for k, v, ok in [("cache_implementation", getattr(gen, "cache_implementation", None), (None,)),
+                                         ("use_cache", getattr(gen, "use_cache", None), (None, True)),
+                                         ("prefill_chunk_size", getattr(gen, "prefill_chunk_size", None), (None,))]
+           if v not in ok]
+    if gen is not None:
+        greedy = copy.deepcopy(gen)
+        greedy.update(do_sample=False)  # as `generate` calls it
+        if (mode := greedy.get_generation_mode()).name != "GREEDY_SEARCH":
+            odd.append(f"{mode.value} decoding")
+    if odd:
+        raise ConfigError(f"share_prefix=True continues each trial from a prefilled DynamicCache, which this model's "
+                          f"generation_config ({', '.join(odd)}) does not do; use share_prefix=False (or reset those "
+                          f"in model.generation_config)")
     if bad:
         raise ConfigError(f"share_prefix=True needs a prompt prefilled in pieces to equal one forward, which "
                           f"{', '.join(bad)} does not guarantee (frequencies or kept keys depend on the length "
