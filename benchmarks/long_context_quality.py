@@ -275,6 +275,8 @@ def main(argv=None) -> None:
         return
     dtype = getattr(torch, args.passkey_dtype)
     pk_model = model if dtype == model.dtype else copy.deepcopy(model).to(dtype)  # the loss runs stay float32
+    # first the reference: the stock model inside its window, what the prompt format allows at each depth
+    run_passkey(pk_model, tokenizer, caches[length], "stock", [window], depths, args.trials, args.seed, log)
     for n in pk_lengths:  # every configuration at the shorter length first
         for label in best(rows, args.best):
             run_passkey(pk_model, tokenizer, caches[length], label, [n], depths, args.trials, args.seed, log)
@@ -318,8 +320,10 @@ def write_report(args, caches, labels, search, length, search_length, window, wi
     srows, smissing = (load_rows(caches[search_length], [WINDOWED, *search], search_length, window,
                                  min(width, search_length // 4), stride) if search else ([], []))
     ranked = best(rows, args.best)
-    cells = passkey_cells(caches[length], ranked, pk_lengths, depths, args.trials, args.seed, args.passkey_dtype)
-    pk_missing = [f"{lab} @ {n} depth {d}" for lab in ranked for n in pk_lengths for d in depths
+    pk_runs = [("stock", window)] + [(lab, n) for n in pk_lengths for lab in ranked]  # reference first
+    cells = [c for lab, n in pk_runs for c in passkey_cells(caches[length], [lab], [n], depths, args.trials, args.seed,
+                                                             args.passkey_dtype)]
+    pk_missing = [f"{lab} @ {n} depth {d}" for lab, n in pk_runs for d in depths
                   if caches[length].passkey(lab, n, d, args.trials, args.seed, args.passkey_dtype) is None]
     text = (f"`llama_ctx.eval.text.builtin_long_text` (Python {platform.python_version()}'s `pydoc_data.topics`, "
             f"reference-manual topics sorted by name), first {length} tokens (SmolLM2 tokenizer)")
@@ -342,7 +346,9 @@ def write_report(args, caches, labels, search, length, search_length, window, wi
     md += [f"## Passkey retrieval (`llama_ctx.eval.passkey`, {args.trials} trials per cell, seed {args.seed}, "
            f"model in {args.passkey_dtype})", "",
            f"For the best {args.best} configurations by mean loss past {window}"
-           f"{' among those measured so far' if missing else ''}: " + ", ".join(f"`{x}`" for x in ranked) + ".", ""]
+           f"{' among those measured so far' if missing else ''}: " + ", ".join(f"`{x}`" for x in ranked) + ". "
+           f"First, as the reference, `stock` at {window} tokens (inside its trained window): what the model itself "
+           "retrieves in this prompt format at each depth.", ""]
     if cells:
         md += ["| configuration | length | depth | correct | outputs |", "|---|---:|---:|---:|---|"]
         md += [f"| `{c['label']}` | {c['length']} | {c['depth']} | {c['correct']}/{c['trials']} | "
