@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> None:
     print(format_table(curves, window))
     plot(curves, window, out / "demo.png")
     print(f"\nwrote {out / 'demo.json'} and {out / 'demo.png'}")
-    shown = {p.name for s in specs for p in (*s.before, s)}
+    shown = {p.name for s in specs for p in s.parts}
     rest = [r["name"] for r in methods() if r["name"] not in shown]
     if rest:
         print(f"not shown: {', '.join(rest)}; run `llama-ctx demo --methods all` for every method, or "

@@ -9,8 +9,8 @@ group fewer. `depth` is the fraction of the filler placed before the key (0 = ri
 With `share_prefix=True` the trials of a cell, whose prompts differ only from the key on, prefill their common
 token prefix once and continue from a copy of its cache: the same greedy outputs with 2/3 of the tokens
 prefilled at depths 0.1, 0.5, 0.9. That is exact wherever a prompt prefilled in pieces equals one forward: the
-stock model, the static rope methods and the position-rewriting attention methods (`SHAREABLE`); anything else
-is refused rather than answered differently.
+stock model, the static rope methods and the position-rewriting attention methods (`shareable_methods`);
+anything else is refused rather than answered differently.
 """
 
 from __future__ import annotations
@@ -32,9 +32,6 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 KEY_SENTENCE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\nWhat is the pass key? The pass key is"
 MAX_NEW_TOKENS = 10
-# attention methods whose prefill in pieces is exact (tests/test_attention_engine.py
-# test_prefill_in_pieces_equals_one_forward); rope methods qualify unless their frequencies follow the length
-SHAREABLE = ("rerope", "leaky-rerope", "self-extend", "lambda", "dca")
 LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")  # native rope types that rescale with the current length
 
 
@@ -77,24 +74,40 @@ def trial_key(seed: int, length: int, depth: float, trial: int) -> int:
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     """Greedy continuation of `prompt` (the new text only)."""
-    enc = tokenizer(prompt, return_tensors="pt")
-    device = next(model.parameters()).device
-    input_ids = enc["input_ids"].to(device)
+    return _greedy(model, tokenizer, _ids(model, tokenizer, prompt), max_new_tokens)
+
+
+def _ids(model, tokenizer, prompt: str) -> torch.Tensor:
+    return tokenizer(prompt, return_tensors="pt")["input_ids"].to(next(model.parameters()).device)
+
+
+def _greedy(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, **cache) -> str:
+    """The new text of a greedy `generate` from `input_ids` (optionally continuing a prefilled cache)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=pad)
+                             max_new_tokens=max_new_tokens, pad_token_id=pad, **cache)
     return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
 
 
+def shareable_methods() -> list[str]:
+    """The registered methods whose prefill in pieces equals one forward: rope methods whose frequencies do not
+    follow the length, and the position-rewriting engine's methods (each tested by tests/test_attention_engine.py
+    test_prefill_in_pieces_equals_one_forward)."""
+    from ..attention.engine import PositionalAttention
+    from ..registry import get, methods
+
+    found = [get(row["name"]) for row in methods()]
+    return [m.name for m in found if m.kind == "rope" and not m.dynamic or isinstance(m.impl, PositionalAttention)]
+
+
 def check_shareable(model) -> None:
-    """A `ConfigError` unless prefilling a prompt in pieces is exact for `model` as patched (see `SHAREABLE`)."""
+    """A `ConfigError` unless prefilling a prompt in pieces is exact for `model` as patched (`shareable_methods`)."""
     from ..patch import backbone_of, state
-    from ..registry import get
 
     applied = state(model) or {}
-    bad = [a["method"] for a in applied.values()
-           if not (a["kind"] == "rope" and not get(a["method"]).dynamic or a["method"] in SHAREABLE)]
+    allowed = shareable_methods()
+    bad = [a["method"] for a in applied.values() if a["method"] not in allowed]
     rope_type = (getattr(backbone_of(model).config, "rope_parameters", None) or {}).get("rope_type")
     if "rope" not in applied and rope_type in LENGTH_DEPENDENT_ROPE:
         bad.append(f"native rope_type {rope_type!r}")
@@ -118,8 +131,7 @@ def check_shareable(model) -> None:
     if bad:
         raise ConfigError(f"share_prefix=True needs a prompt prefilled in pieces to equal one forward, which "
                           f"{', '.join(bad)} does not guarantee (frequencies or kept keys depend on the length "
-                          f"seen); use share_prefix=False (methods allowed: static rope methods, "
-                          f"{', '.join(SHAREABLE)})")
+                          f"seen); use share_prefix=False (methods allowed: {', '.join(allowed)})")
 
 
 def shareable(model) -> bool:
@@ -135,23 +147,16 @@ def generate_shared(model, tokenizer, prompts: list[str], max_new_tokens: int) -
     """`generate` of each prompt, with their common token prefix prefilled once and its cache copied per prompt."""
     from ..compat import cache_kwargs, output_cache
 
-    device = next(model.parameters()).device
-    ids = [tokenizer(p, return_tensors="pt")["input_ids"].to(device) for p in prompts]
+    ids = [_ids(model, tokenizer, p) for p in prompts]
     common = min(len(x[0]) for x in ids) - 1  # every prompt keeps at least one token to feed
     for x in ids[1:]:
         same = (x[0, :common] != ids[0][0, :common]).nonzero()
         common = int(same[0]) if len(same) else common
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.inference_mode():
         # logits_to_keep=1: the prefix's logits are not used (all of them: 3 GB at 30K tokens of a 49K vocabulary)
         prefix = output_cache(model(ids[0][:, :common], use_cache=True, logits_to_keep=1)) if common else None
-        outs = []
-        for x in ids:
-            kw = cache_kwargs(copy.deepcopy(prefix)) if prefix is not None else {}
-            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad, **kw)
-            outs.append(tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True))
-    return outs
+    return [_greedy(model, tokenizer, x, max_new_tokens,
+                    **(cache_kwargs(copy.deepcopy(prefix)) if prefix is not None else {})) for x in ids]
 
 
 @dataclass

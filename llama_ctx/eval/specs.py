@@ -27,6 +27,11 @@ class MethodSpec:
     before: tuple["MethodSpec", ...] = ()
 
     @property
+    def parts(self) -> tuple["MethodSpec", ...]:
+        """The methods applied, in order: `before`, then this one."""
+        return (*self.before, self)
+
+    @property
     def label(self) -> str:
         """Canonical text form, e.g. "yarn:factor=4" or "yarn:factor=2+dca"; used in tables, file names and
         result keys."""
@@ -52,7 +57,7 @@ class MethodSpec:
             yield model
             return
         try:
-            for part in (*self.before, self):
+            for part in self.parts:
                 patch(model, part.name, **part.params)
             yield model
         finally:

@@ -73,7 +73,7 @@ def candidates(model, target: int, methods=None) -> list[MethodSpec]:
         spec = m if isinstance(m, MethodSpec) else parse_method_spec(m) if ":" in m or "+" in m else MethodSpec(m)
         if spec.name in (STOCK, STOCK_WINDOW):
             continue
-        parts = (*spec.before, spec)
+        parts = spec.parts
         if missing := [p.name for p in parts if p.name not in GRID]:
             raise ConfigError(f"sweep has no grid for {missing[0]!r}; grids exist for {', '.join(GRID)}")
         if any(p.name not in registry._METHODS for p in parts):
@@ -124,7 +124,7 @@ class SweepResult(Result):
         """Rank `runs` (a result, or an error message) by loss beyond the trained window."""
         rows = []
         for spec, r in runs:
-            parts = (*spec.before, spec)
+            parts = spec.parts
             # a composition names every part: its last part's name and parameters alone would read as that method
             method = "+".join(p.name for p in parts) if spec.before else spec.name
             params = {p.name: dict(p.params) for p in parts} if spec.before else dict(spec.params)
