@@ -22,9 +22,13 @@ def from_pretrained(path, **kwargs):
     """
     from transformers import AutoModelForCausalLM
 
-    saved = _saved_entry(path)
-    if saved and "position" in saved and "config" not in kwargs:
-        kwargs["config"] = _position_config(path, saved)
+    file = _config_file(path, kwargs)
+    on_disk = json.loads(file.read_text()) if file else {}
+    saved = on_disk.get(CONFIG_KEY)
+    if "config" in kwargs:
+        kwargs["config"] = _given_config(kwargs["config"], saved, path)
+    elif saved and "position" in saved:
+        kwargs["config"] = _position_config(on_disk, saved)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     entry = getattr(model.config, CONFIG_KEY, None)
     if not entry:
@@ -41,22 +45,51 @@ def from_pretrained(path, **kwargs):
         if kind in entry:
             patch(model, entry[kind]["method"], replace_native=entry[kind].get("replace_native", False),
                   **entry[kind]["params"])
-    _load_position_tensors(model, Path(path))
+    _load_position_tensors(model, file.parent if file else Path(path))
     return model
 
 
-def _saved_entry(path) -> dict | None:
-    """The `llama_ctx` entry of a local folder's config.json (None for anything else)."""
-    file = Path(path) / "config.json"
-    return json.loads(file.read_text()).get(CONFIG_KEY) if file.is_file() else None
+# the from_pretrained arguments that say where config.json is (a local folder, or a hub id in the local cache)
+_WHERE = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 
 
-def _position_config(path, entry: dict):
-    """The saved config with its original rope parameters (what the model is built with before re-patching)."""
+def _config_file(path, kwargs: dict) -> Path | None:
+    """The config.json that `from_pretrained(path, **kwargs)` reads: in a local folder, else resolved like
+    transformers resolves it (a hub id through the cache). None where there is none; transformers then says why."""
+    local = Path(path) / kwargs.get("subfolder", "") / "config.json"
+    if local.is_file():
+        return local
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(str(path), "config.json", **{k: kwargs[k] for k in _WHERE if k in kwargs},
+                            _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+    except (OSError, ValueError):  # no such repo or folder: AutoModelForCausalLM raises its own error next
+        return None
+    return Path(found) if found else None
+
+
+def _given_config(config, saved: dict | None, path):
+    """A `config=` the caller passed. It must record the folder's llama_ctx methods: one without them (a stock
+    config) would load the weights with no method re-applied, and a position method's trained tensors dropped."""
+    entry = getattr(config, CONFIG_KEY, None)
+    if saved and not entry:
+        kinds = ", ".join(f"{k} {saved[k]['method']!r}" for k in KINDS if k in saved)
+        raise ConfigError(f"{path} was saved with llama_ctx methods ({kinds}), but the config= passed does not record "
+                          "them, so they would not be re-applied. Leave out config= and pass overrides as keyword "
+                          "arguments, or pass AutoConfig.from_pretrained of this folder.")
+    if entry and "position" in entry:  # its rope type is llama_ctx's marker, which transformers cannot build
+        return _position_config(config.to_dict(), entry)
+    return config
+
+
+def _position_config(d: dict, entry: dict):
+    """The saved config (a dict) with its original rope parameters (what the model is built with before
+    re-patching)."""
     from transformers import CONFIG_MAPPING
 
-    d = json.loads((Path(path) / "config.json").read_text())
-    d["rope_parameters"] = copy.deepcopy(entry["original_rope_parameters"])
+    d = dict(d, rope_parameters=copy.deepcopy(entry["original_rope_parameters"]))
     return CONFIG_MAPPING[d["model_type"]].from_dict(d)
 
 

@@ -106,6 +106,35 @@ def test_saved_and_reapplied_stock_loading_refuses(name, tmp_path):
     torch.testing.assert_close(logits(llama_ctx.unpatch(again), x), logits(tiny_model(), x), atol=1e-6, rtol=0)
 
 
+def test_from_pretrained_with_a_config_or_a_hub_id(tmp_path):
+    """The ways transformers loads a folder load it here too: config= read from the folder, and a hub id resolved
+    through the local cache (its trained tensors restored). A config= that does not record the methods is refused:
+    it would load the weights with no method and the trained table dropped, in silence."""
+    from transformers import AutoConfig
+
+    model = llama_ctx.patch(tiny_model(), "learned-absolute", **CASES["learned-absolute"][0])
+    with torch.no_grad():
+        model.model.llama_ctx_position.weight.add_(0.05)  # as if trained
+    x = ids(90)
+    want = logits(model, x)
+    folder = tmp_path / "saved"
+    model.save_pretrained(folder)
+    again = llama_ctx.from_pretrained(folder, config=AutoConfig.from_pretrained(folder)).eval()
+    assert llama_ctx.state(again) == llama_ctx.state(model)
+    torch.testing.assert_close(logits(again, x), want, atol=1e-6, rtol=0)
+    with pytest.raises(ConfigError, match="does not record them"):
+        llama_ctx.from_pretrained(folder, config=tiny_model().config)
+    repo = tmp_path / "hub" / "models--org--tiny"  # the layout of the hub cache, filled without a network
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots").mkdir()
+    folder.rename(repo / "snapshots" / ("0" * 40))
+    offline = dict(cache_dir=str(tmp_path / "hub"), local_files_only=True)
+    again = llama_ctx.from_pretrained("org/tiny", adapter_kwargs=offline, **offline).eval()
+    assert llama_ctx.state(again) == llama_ctx.state(model)
+    torch.testing.assert_close(logits(again, x), want, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("name,s2_first", [("nope", True), ("learned-absolute", True), ("sinusoidal", False)])
 def test_s2_attn_composes_with_embedding_side_encodings(name, s2_first):
     """Train mode: position method + S2-attn equals the position method with S2-attn's dense reference."""
