@@ -5,11 +5,16 @@
     nice python benchmarks/attention.py --cpu-time dca   # CPU time of the process instead of wall time
 
 A small random LLaMA (hidden 256, 4 layers, 4 heads, trained window 2048), float32, CPU. Times are the best of
-a few runs; "peak memory" is the growth of the process's peak resident set (Linux VmHWM, reset through
-/proc/self/clear_refs) during one layer's attention step, so kernel-internal buffers count too.
+a few runs, in this process with the allocator as a user has it; "peak memory" is the growth of the peak resident
+set (Linux VmHWM, reset through /proc/self/clear_refs) during one layer's attention step, so kernel-internal buffers
+count too, measured in a child process started with MALLOC_MMAP_THRESHOLD_=65536 (freed large blocks go back to the
+OS, so the peak is the step's own). That setting must not apply to the timings: every allocation above 64 KiB then
+maps and faults in fresh pages, which cost the chunked engine's many mid-sized buffers 15-30% more than one SDPA call.
 """
 
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -63,7 +68,27 @@ def side_by_side(fns, rounds=3):
     return best
 
 
-peak_bytes = peak_rss_growth
+def peak_bytes(what: str, length: int) -> int:
+    """Peak RSS growth of one layer's attention step, in a fresh child process (see the module docstring): `what` is
+    "stock", a method of METHODS, or "naive:<method>" (the two-score-map reference at that method's window)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, __file__, "--peak", what, str(length)], env=env, check=True,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+
+
+def peak_child(what: str, length: int) -> None:
+    model = model_for_bench()
+    hidden, pos = torch.randn(1, length, 256), torch.arange(length)[None]
+    if what.startswith("naive:"):
+        window = METHODS[what.removeprefix("naive:")]["window"]
+        fn = lambda: naive_rerope_attention(model.model.layers[0].self_attn, hidden, window)  # noqa: E731
+    else:
+        if what != "stock":
+            llama_ctx.patch(model, what, **METHODS[what])
+        fn = lambda: layer_step(model, hidden, pos)  # noqa: E731
+    fn()  # warm-up: lazily built state (the flash check, rotary tables) is not the step's peak
+    print(json.dumps({"peak": peak_rss_growth(fn)}))
 
 
 @torch.no_grad()
@@ -99,13 +124,9 @@ def forward_section(method, length=8192):
     llama_ctx.patch(model, method, **METHODS[method])
     stock, ours = side_by_side([lambda: stock_model(x), lambda: model(x)], rounds=2)
     print(f"{method:13s} forward {length // 1024}K: {ours:6.2f}s vs stock SDPA {stock:6.2f}s -> {ours / stock:.2f}x")
-    hidden = torch.randn(1, length, 256)
-    pos = torch.arange(length)[None]
-    mine = peak_bytes(lambda: layer_step(model, hidden, pos))
-    sdpa = peak_bytes(lambda: layer_step(stock_model, hidden, pos))
+    mine, sdpa = peak_bytes(method, length), peak_bytes("stock", length)
     if method in ("rerope", "leaky-rerope", "self-extend"):
-        window = METHODS[method]["window"]
-        naive = peak_bytes(lambda: naive_rerope_attention(model.model.layers[0].self_attn, hidden, window))
+        naive = peak_bytes(f"naive:{method}", length)
         print(f"{method:13s} attention-step peak memory {length // 1024}K: {mine / 2**20:7.1f} MiB vs naive "
               f"two-score {naive / 2**20:7.1f} MiB -> {mine / naive:.3f}x  (stock SDPA {sdpa / 2**20:.1f} MiB)")
 
@@ -140,7 +161,7 @@ def lambda_memory_section(lengths=(8192, 16384, 32768)):
     peaks = []
     for n in lengths:
         hidden = torch.randn(1, n, 256)
-        peaks.append(peak_bytes(lambda: layer_step(model, hidden, torch.arange(n)[None])))
+        peaks.append(peak_bytes("lambda", n))
         t = best_time(lambda: layer_step(model, hidden, torch.arange(n)[None]), runs=1)
         print(f"lambda        attention-step peak memory at {n // 1024:2d}K: {peaks[-1] / 2**20:7.1f} MiB "
               f"(x{peaks[-1] / peaks[0]:.2f} of 8K; length x{n // lengths[0]}), {t:.2f}s")
@@ -156,8 +177,7 @@ def dca_section(lengths=(8192, 16384, 32768)):
         x = torch.randint(0, 512, (1, n))
         rounds = 2 if n <= 8192 else 1
         times = dict(zip(models, side_by_side([lambda m=m: m(x) for m in models.values()], rounds=rounds)))
-        hidden, pos = torch.randn(1, n, 256), torch.arange(n)[None]
-        peaks = {name: peak_bytes(lambda m=m: layer_step(m, hidden, pos)) / 2**20 for name, m in models.items()}
+        peaks = {name: peak_bytes(name, n) / 2**20 for name in models}
         print(f"dca           forward {n // 1024:2d}K: stock SDPA {times['stock']:6.2f}s, rerope "
               f"{times['rerope'] / times['stock']:.2f}x, dca {times['dca'] / times['stock']:.2f}x | attention-step "
               f"peak memory: stock {peaks['stock']:6.1f} MiB, rerope {peaks['rerope']:6.1f} MiB, dca "
@@ -165,10 +185,11 @@ def dca_section(lengths=(8192, 16384, 32768)):
 
 
 if __name__ == "__main__":
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # large blocks go back to the OS when freed: honest peak RSS
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     torch.set_grad_enabled(False)
     args = sys.argv[1:]
+    if args[:1] == ["--peak"]:
+        peak_child(args[1], int(args[2]))
+        sys.exit()
     if "--cpu-time" in args:  # CPU time of this process (all threads): less sensitive to other jobs than wall time
         args.remove("--cpu-time")
         clock = time.process_time
