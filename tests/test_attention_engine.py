@@ -145,6 +145,45 @@ def test_prefill_in_pieces_equals_one_forward(method, cache_type, monkeypatch):
     torch.testing.assert_close(torch.cat(got, dim=1), full, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("method", ["rerope", "leaky-rerope", "self-extend"])
+def test_a_fixed_offset_branch_runs_as_one_shifted_causal_call(method, monkeypatch):
+    # the outer branch of an unpadded prefill: one causal call over the whole call instead of pieces per chunk, from
+    # an empty cache (queries closer than the window to the start see none of it) and after a cached piece (every
+    # query sees the first keys); both equal the dense reference / one forward
+    if not engine._flash_cpu_ok():
+        pytest.skip("the private CPU flash op is not usable on this torch")
+    monkeypatch.setattr(engine, "CHUNK", 20)
+    shifts, real = [], engine._shifted_causal
+    monkeypatch.setattr(engine, "_shifted_causal", lambda q, k, v, shift, scale: shifts.append(shift) or
+                        real(q, k, v, shift, scale))
+    model, p, x = tiny_model(), CASES[method], ids(100)
+    layers = model.config.num_hidden_layers
+    llama_ctx.patch(model, method, **p)
+    assert_matches_reference(model, method, p, x)
+    assert shifts == [-p["window"]] * layers
+    llama_ctx.patch(model, method, **p)
+    full, cache = logits(model, x), DynamicCache()
+    shifts.clear()
+    got = [logits(model, x[:, a:b], **cache_kwargs(cache), use_cache=True, position_ids=torch.arange(a, b)[None])
+           for a, b in [(0, 30), (30, 100)]]
+    assert shifts == [-p["window"]] * layers + [30 - p["window"]] * layers
+    torch.testing.assert_close(torch.cat(got, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_only_a_plain_causal_mask_counts_as_no_mask():
+    # the whole-call path ignores the mask, so it must be taken only where the mask hides nothing beyond causality
+    past, L = 5, 7
+    causal = torch.arange(past + L)[None, :] <= torch.arange(past, past + L)[:, None]
+    assert engine._plain_causal(None, past, L) and engine._plain_causal(causal[None, None], past, L)
+    padded = causal.clone()
+    padded[:, 0] = False  # a padding key
+    moved = causal.clone()
+    moved[3, 1], moved[3, past + 4] = False, True  # as many keys as the causal row, one of them in the future
+    floats = torch.where(causal, 0.0, torch.finfo(torch.float32).min)
+    for mask in (padded, moved, floats):
+        assert not engine._plain_causal(mask[None, None], past, L)
+
+
 @pytest.mark.parametrize("method,p,most", [("rerope", dict(window=16), 16), ("self-extend", CASES["self-extend"], 16),
                                             ("dca", ALL["dca"], 1)])
 def test_a_decode_step_rotates_only_the_keys_it_needs(method, p, most, monkeypatch):

@@ -24,7 +24,10 @@ itself, a call with the kernel's causal flag); the rest of the range, or all of 
 from the per-query bounds (at most CHUNK x range; without padding, masks of the same shape relative to their
 first key are built once per call). Each call uses the branch's rotated queries and returns an output and a
 log-sum-exp; the partial softmaxes are merged by their log-sum-exp (as in flash attention). The work beyond the
-pairs themselves is about 1.5 x CHUNK keys per query (ReRoPE: ~9% at 8K tokens).
+pairs themselves is about 1.5 x CHUNK keys per query (ReRoPE: ~9% at 8K tokens). A branch whose every query sees
+the keys from the first to a fixed distance behind itself (the outer branch of ReRoPE, Leaky ReRoPE and
+Self-Extend when no padding is masked) is instead one causal call over the whole call, which the kernel tiles
+itself: ReRoPE's forward goes from 1.25x to 1.11x stock SDPA at 8K.
 
 Positions are the per-row `position_ids` of the call (left padding: generate's cumsum of the attention mask; a
 padded call without them, or with transformers' plain arange fill-in, numbers each row's real tokens from 0);
@@ -235,16 +238,28 @@ def positional_attention(attn, scheme: Scheme, rotary, hidden_states, attention_
             masks[key] = out
         return out
 
+    # A branch that every query sees from the first key up to a fixed distance behind itself (the outer branch of
+    # ReRoPE, Leaky ReRoPE and Self-Extend in an unpadded prefill) is one causal call over the whole call: the
+    # kernel skips the hidden blocks itself, where per-chunk calls would re-read the keys every chunk.
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    whole = {}
+    if L >= CHUNK and _use_flash(q, needs_grad) and _plain_causal(attention_mask, past, L):
+        for n, (plan, qb, kb, first) in enumerate(plans):
+            if plan.offset is not None and first == 0:
+                whole[n] = _shifted_causal(qb, kb, v, past + plan.offset, attn.scaling)
+
     def rows(a: int, b: int) -> torch.Tensor:
-        parts = []
-        for plan, qb, kb, first in plans:
+        parts = [(o[:, :, a:b], lse[:, :, a:b]) for o, lse in whole.values()]
+        for n, (plan, qb, kb, first) in enumerate(plans):
+            if n in whole:
+                continue
             qa, qc = past + a, past + b  # cache indices of the chunk's queries
             for u, z, how in plan.pieces(a // CHUNK, qa, qc):
                 parts.append(_attend(qb[:, :, a:b], kb[:, :, u - first:z - first], v[:, :, u:z],
                                      bias(plan, a, b, u, z, how), attn.scaling, causal=how == "causal"))
         return _merge(parts)
 
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+    if needs_grad:
         # recompute each chunk's scores in the backward pass instead of keeping them (L x L in all)
         out = torch.cat([checkpoint(rows, a, min(L, a + CHUNK), use_reentrant=False) for a in range(0, L, CHUNK)], 2)
     else:
@@ -252,6 +267,24 @@ def positional_attention(attn, scheme: Scheme, rotary, hidden_states, attention_
         for a in range(0, L, CHUNK):
             out[:, :, a:a + CHUNK] = rows(a, min(L, a + CHUNK))
     return attn.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+
+
+def _plain_causal(attention_mask, past: int, L: int) -> bool:
+    """Whether `attention_mask` hides nothing beyond causality: None, or a bool mask under which query r sees exactly
+    keys [0, past + r] (what transformers passes for an unpadded call that continues a cache). Read CHUNK rows at a
+    time (no L x T temporaries): a row sees exactly that prefix iff it sees past + r + 1 keys whose indices sum to
+    the prefix's sum, the smallest any set of that many keys can have."""
+    if attention_mask is None:
+        return True
+    if attention_mask.dtype != torch.bool or attention_mask.dim() != 4 or attention_mask.shape[1] != 1:
+        return False
+    index = torch.arange(past + L, device=attention_mask.device)
+    for a in range(0, L, CHUNK):
+        rows = attention_mask[:, 0, a:a + CHUNK, :past + L]
+        n = index[past + a:past + a + rows.shape[1]] + 1  # keys each row must see
+        if not (bool((rows.sum(-1) == n).all()) and bool(((rows * index).sum(-1) == n * (n - 1) // 2).all())):
+            return False
+    return True
 
 
 def _positions_from_padding(attention_mask, past: int, L: int, fill_in: torch.Tensor) -> torch.Tensor:
@@ -289,6 +322,7 @@ class _Plan:
     hi: torch.Tensor
     stats: list  # per chunk: [min lo, max hi, max lo, min hi, min(hi - index)]
     keys: tuple[int, int]  # the keys the branch reaches in this call
+    offset: int | None  # c if every query of the call sees keys [0, index + c] (one c for all), else None
 
     def pieces(self, c: int, qa: int, qc: int):
         """(first key, stop, how) attention calls covering chunk `c` (queries [qa, qc)), how in "full" (no mask),
@@ -324,7 +358,26 @@ def _plan(branch: Branch, position_ids, shift, index, L: int) -> _Plan | None:
     if all(y < x for x, y, *_ in stats):
         return None
     keys = min(x for x, y, *_ in stats if y >= x), max(y + 1 for x, y, *_ in stats if y >= x)
-    return _Plan(lo, hi, stats, keys)
+    gap = hi - index
+    fixed = bool((lo == 0).all()) and bool((gap == gap[0, 0]).all())
+    return _Plan(lo, hi, stats, keys, int(gap[0, 0]) if fixed else None)
+
+
+def _shifted_causal(q, k, v, shift: int, scale):
+    """Attention of every query r of q (B, H, L, d) over keys [0, r + shift] of k, v (B, Hkv, T, d), with its
+    log-sum-exp; queries that see no key get output 0 and log-sum-exp -inf (no weight in `_merge`)."""
+    B, H, L, d = q.shape
+    if shift >= 0:  # keys [0, shift) are seen by every query, then one more key per query: a full and a causal call
+        parts = [_attend(q, k[:, :, shift:shift + L], v[:, :, shift:shift + L], None, scale, causal=True)]
+        if shift > 0:
+            parts.append(_attend(q, k[:, :, :shift], v[:, :, :shift], None, scale))
+        return _merge(parts, with_lse=True)
+    out = q.new_zeros(B, H, L, v.shape[-1])
+    lse = torch.full((B, H, L), -math.inf, device=q.device)
+    if L + shift > 0:  # query r >= -shift sees keys [0, r + shift]: causal from the top-left corner
+        out[:, :, -shift:], lse[:, :, -shift:] = _attend(q[:, :, -shift:], k[:, :, :L + shift], v[:, :, :L + shift],
+                                                         None, scale, causal=True)
+    return out, lse
 
 
 def _bias(allowed, base, dtype):
@@ -345,10 +398,15 @@ def _attend(q, k, v, bias, scale, causal=False):
     """Softmax attention of q (B, H, C, d) over k, v (B, Hkv, K, d): (output, float32 log-sum-exp (B, H, C)).
     `causal`: query c sees keys <= c only (top-left aligned)."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if (not needs_grad and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
-            and _flash_cpu_ok()):
+    if _use_flash(q, needs_grad):
         return _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)[:2]
     return _attend_dense(q, k, v, bias, scale, causal)
+
+
+def _use_flash(q, needs_grad: bool) -> bool:
+    """Whether `_attend` uses the fused CPU kernel (memory linear in the keys) rather than plain matmuls."""
+    return (not needs_grad and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
+            and _flash_cpu_ok())
 
 
 @functools.cache
@@ -382,10 +440,11 @@ def _attend_dense(q, k, v, bias, scale, causal=False):
     return torch.matmul((scores - lse[..., None]).exp().to(v.dtype), v), lse
 
 
-def _merge(parts):
-    """Combine partial attentions over disjoint key sets: weights softmax(lse) across parts, per query."""
+def _merge(parts, with_lse: bool = False):
+    """Combine partial attentions over disjoint key sets: weights softmax(lse) across parts, per query (and the
+    log-sum-exp of the union, `with_lse`)."""
     if len(parts) == 1:
-        return parts[0][0]
+        return parts[0] if with_lse else parts[0][0]
     # the weights are small (B, H, C); only one multiply-add per part touches the outputs
     top = functools.reduce(torch.maximum, [lse for _, lse in parts])
     weights = [(lse - top).exp() for _, lse in parts]
@@ -393,4 +452,5 @@ def _merge(parts):
     out = parts[0][0].float() * (weights[0] / total)[..., None]
     for (o, _), w in zip(parts[1:], weights[1:]):
         out = out.addcmul_(o.float(), (w / total)[..., None])
-    return out.to(parts[0][0].dtype)
+    out = out.to(parts[0][0].dtype)
+    return (out, top + total.log()) if with_lse else out
