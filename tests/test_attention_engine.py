@@ -10,7 +10,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicSlidingWindowLa
 
 import llama_ctx
 from llama_ctx import UnsupportedModelError
-from llama_ctx.attention import engine
+from llama_ctx.attention import engine, kernels
 from llama_ctx.cache import StreamingCache
 from llama_ctx.compat import cache_kwargs
 from conftest import ids, logits, tiny_model
@@ -56,11 +56,11 @@ def test_gradients_match_the_dense_reference(method, monkeypatch):
 
 
 def test_inference_still_uses_the_flash_op(monkeypatch):
-    if not engine._flash_cpu_ok():
+    if not kernels.flash_cpu_ok():
         pytest.skip("the private CPU flash op is not usable on this torch")
     calls = []
-    real = engine._FLASH_CPU
-    monkeypatch.setattr(engine, "_FLASH_CPU", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = kernels.FLASH_CPU
+    monkeypatch.setattr(kernels, "FLASH_CPU", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     model = tiny_model()
     llama_ctx.patch(model, "rerope", window=16)
     logits(model, ids(50))  # no_grad
@@ -150,11 +150,11 @@ def test_a_fixed_offset_branch_runs_as_one_shifted_causal_call(method, monkeypat
     # the outer branch of an unpadded prefill: one causal call over the whole call instead of pieces per chunk, from
     # an empty cache (queries closer than the window to the start see none of it) and after a cached piece (every
     # query sees the first keys); both equal the dense reference / one forward
-    if not engine._flash_cpu_ok():
+    if not kernels.flash_cpu_ok():
         pytest.skip("the private CPU flash op is not usable on this torch")
     monkeypatch.setattr(engine, "CHUNK", 20)
-    shifts, real = [], engine._shifted_causal
-    monkeypatch.setattr(engine, "_shifted_causal", lambda q, k, v, shift, scale: shifts.append(shift) or
+    shifts, real = [], kernels.shifted_causal
+    monkeypatch.setattr(kernels, "shifted_causal", lambda q, k, v, shift, scale: shifts.append(shift) or
                         real(q, k, v, shift, scale))
     model, p, x = tiny_model(), CASES[method], ids(100)
     layers = model.config.num_hidden_layers

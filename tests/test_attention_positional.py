@@ -12,7 +12,7 @@ import torch
 
 import llama_ctx
 from llama_ctx import ConfigError, LlamaCtxError, PatchStateError, UnsupportedModelError
-from llama_ctx.attention import engine
+from llama_ctx.attention import engine, kernels
 from llama_ctx.reference.positional import default_inv_freq, dense_attention, dense_reference, position_matrix  # noqa: F401
 from conftest import clone_with, ids, logits, tiny_model
 
@@ -67,7 +67,7 @@ def test_without_log_scale_and_other_training_length():
 
 
 def test_plain_matmul_path_matches_reference(monkeypatch):
-    monkeypatch.setattr(engine, "_flash_cpu_ok", lambda: False)  # force the plain-matmul path
+    monkeypatch.setattr(kernels, "flash_cpu_ok", lambda: False)  # force the plain-matmul path
     monkeypatch.setattr(engine, "CHUNK", 48)
     for method, p in CASES.items():
         model = tiny_model()
@@ -234,17 +234,17 @@ def test_self_extend_past_its_coverage_names_the_group_size_before_computing():
 
 def test_private_flash_op_is_used_only_if_it_agrees_with_plain_matmuls(monkeypatch):
     def wrong(q, k, v, *a, **kw):  # a torch whose private op changed behaviour
-        out, lse = engine._attend_dense(q, k, v, kw.get("attn_mask"), kw["scale"])
+        out, lse = kernels.attend_dense(q, k, v, kw.get("attn_mask"), kw["scale"])
         return out + 1e-3, lse
 
     def gone(*a, **kw):
         raise RuntimeError("no such op")
 
     for bad in (wrong, gone, None):
-        monkeypatch.setattr(engine, "_FLASH_CPU", bad)
-        engine._flash_cpu_ok.cache_clear()
-        assert engine._flash_cpu_ok() is False
-    engine._flash_cpu_ok.cache_clear()
+        monkeypatch.setattr(kernels, "FLASH_CPU", bad)
+        kernels.flash_cpu_ok.cache_clear()
+        assert kernels.flash_cpu_ok() is False
+    kernels.flash_cpu_ok.cache_clear()
     monkeypatch.undo()
-    assert engine._flash_cpu_ok() is (engine._FLASH_CPU is not None)
-    engine._flash_cpu_ok.cache_clear()
+    assert kernels.flash_cpu_ok() is (kernels.FLASH_CPU is not None)
+    kernels.flash_cpu_ok.cache_clear()

@@ -36,14 +36,13 @@ each query's own offset (index - position), so within a row positions must grow 
 query and the keys it may see (what a forward and `generate` produce; packed documents with a block mask too);
 padding is hidden by the attention mask, which is always honoured.
 
-Gradients. The private CPU flash op returns a log-sum-exp that autograd does not differentiate, so it is used only
+Gradients. The private CPU flash op (`kernels.py`) returns a log-sum-exp that autograd does not differentiate, so it is used only
 where no gradient is needed; with gradients every chunk runs on plain matmuls under activation checkpointing, so
 the backward pass recomputes a chunk's scores instead of keeping L x L of them.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -56,17 +55,11 @@ from ..cache import append
 from ..errors import UnsupportedModelError
 from ..rope.module import cos_sin, rotary_frequencies
 from ..rope.module import rotate as rope_rotate
+from . import kernels
 from .base import AttentionMethod
 
 CHUNK = 256  # queries per chunk: the extra work is ~1.5 x CHUNK keys per query; masks are at most CHUNK x (keys)
 SPLIT = 1024  # a branch's unmasked middle gets a call of its own (no mask) when at least this many keys wide
-
-# NOTE: torch's CPU flash-attention kernel also returns the log-sum-exp, which the merge needs; the public
-# `scaled_dot_product_attention` does not. It is a private op, so it is used only after `_flash_cpu_ok` has
-# checked it against `_attend_dense` on a tiny GQA input; elsewhere (other devices, a torch where the op is
-# missing or behaves differently, or when gradients are needed) `_attend_dense` computes the same two tensors
-# with plain matmuls.
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 Positions = Callable[[torch.Tensor], torch.Tensor]
 
@@ -243,10 +236,10 @@ def positional_attention(attn, scheme: Scheme, rotary, hidden_states, attention_
     # kernel skips the hidden blocks itself, where per-chunk calls would re-read the keys every chunk.
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     whole = {}
-    if L >= CHUNK and _use_flash(q, needs_grad) and _plain_causal(attention_mask, past, L):
+    if L >= CHUNK and kernels.use_flash(q, needs_grad) and _plain_causal(attention_mask, past, L):
         for n, (plan, qb, kb, first) in enumerate(plans):
             if plan.offset is not None and first == 0:
-                whole[n] = _shifted_causal(qb, kb, v, past + plan.offset, attn.scaling)
+                whole[n] = kernels.shifted_causal(qb, kb, v, past + plan.offset, attn.scaling)
 
     def rows(a: int, b: int) -> torch.Tensor:
         parts = [(o[:, :, a:b], lse[:, :, a:b]) for o, lse in whole.values()]
@@ -255,9 +248,9 @@ def positional_attention(attn, scheme: Scheme, rotary, hidden_states, attention_
                 continue
             qa, qc = past + a, past + b  # cache indices of the chunk's queries
             for u, z, how in plan.pieces(a // CHUNK, qa, qc):
-                parts.append(_attend(qb[:, :, a:b], kb[:, :, u - first:z - first], v[:, :, u:z],
+                parts.append(kernels.attend(qb[:, :, a:b], kb[:, :, u - first:z - first], v[:, :, u:z],
                                      bias(plan, a, b, u, z, how), attn.scaling, causal=how == "causal"))
-        return _merge(parts)
+        return kernels.merge(parts)
 
     if needs_grad:
         # recompute each chunk's scores in the backward pass instead of keeping them (L x L in all)
@@ -363,23 +356,6 @@ def _plan(branch: Branch, position_ids, shift, index, L: int) -> _Plan | None:
     return _Plan(lo, hi, stats, keys, int(gap[0, 0]) if fixed else None)
 
 
-def _shifted_causal(q, k, v, shift: int, scale):
-    """Attention of every query r of q (B, H, L, d) over keys [0, r + shift] of k, v (B, Hkv, T, d), with its
-    log-sum-exp; queries that see no key get output 0 and log-sum-exp -inf (no weight in `_merge`)."""
-    B, H, L, d = q.shape
-    if shift >= 0:  # keys [0, shift) are seen by every query, then one more key per query: a full and a causal call
-        parts = [_attend(q, k[:, :, shift:shift + L], v[:, :, shift:shift + L], None, scale, causal=True)]
-        if shift > 0:
-            parts.append(_attend(q, k[:, :, :shift], v[:, :, :shift], None, scale))
-        return _merge(parts, with_lse=True)
-    out = q.new_zeros(B, H, L, v.shape[-1])
-    lse = torch.full((B, H, L), -math.inf, device=q.device)
-    if L + shift > 0:  # query r >= -shift sees keys [0, r + shift]: causal from the top-left corner
-        out[:, :, -shift:], lse[:, :, -shift:] = _attend(q[:, :, -shift:], k[:, :, :L + shift], v[:, :, :L + shift],
-                                                         None, scale, causal=True)
-    return out, lse
-
-
 def _bias(allowed, base, dtype):
     """Additive float mask (B or 1, 1, C, K): `base` (a 4D bool mask or float bias, or None) where `allowed`
     (B, C, K) bool, the dtype's min elsewhere."""
@@ -392,65 +368,3 @@ def _bias(allowed, base, dtype):
         return base if base is None else base.to(dtype)
     keep = torch.zeros((), dtype=dtype, device=allowed.device) if base is None else base.to(dtype)
     return torch.where(allowed, keep, torch.finfo(dtype).min)
-
-
-def _attend(q, k, v, bias, scale, causal=False):
-    """Softmax attention of q (B, H, C, d) over k, v (B, Hkv, K, d): (output, float32 log-sum-exp (B, H, C)).
-    `causal`: query c sees keys <= c only (top-left aligned)."""
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if _use_flash(q, needs_grad):
-        return _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)[:2]
-    return _attend_dense(q, k, v, bias, scale, causal)
-
-
-def _use_flash(q, needs_grad: bool) -> bool:
-    """Whether `_attend` uses the fused CPU kernel (memory linear in the keys) rather than plain matmuls."""
-    return (not needs_grad and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
-            and _flash_cpu_ok())
-
-
-@functools.cache
-def _flash_cpu_ok() -> bool:
-    """Whether the private CPU flash op exists here and agrees with `_attend_dense` (output and log-sum-exp)."""
-    if _FLASH_CPU is None:
-        return False
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, h, 5, 8, generator=g) for h in (4, 2, 2))
-    bias = torch.where(torch.rand(1, 1, 5, 5, generator=g) < 0.3, torch.finfo(torch.float32).min, 0.0)
-    try:
-        with torch.no_grad():
-            got = [_FLASH_CPU(q, k, v, 0.0, causal, attn_mask=bias, scale=0.3)[:2] for causal in (False, True)]
-    except (RuntimeError, TypeError):
-        return False
-    want = [_attend_dense(q, k, v, bias, 0.3, causal) for causal in (False, True)]
-    return all(torch.allclose(a, b, atol=1e-5) for pair in zip(got, want) for a, b in zip(*pair))
-
-
-def _attend_dense(q, k, v, bias, scale, causal=False):
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
-    if bias is not None:
-        scores = scores + bias
-    if causal:
-        C, K = scores.shape[-2:]
-        future = torch.ones(C, K, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
-    lse = scores.logsumexp(dim=-1)
-    return torch.matmul((scores - lse[..., None]).exp().to(v.dtype), v), lse
-
-
-def _merge(parts, with_lse: bool = False):
-    """Combine partial attentions over disjoint key sets: weights softmax(lse) across parts, per query (and the
-    log-sum-exp of the union, `with_lse`)."""
-    if len(parts) == 1:
-        return parts[0] if with_lse else parts[0][0]
-    # the weights are small (B, H, C); only one multiply-add per part touches the outputs
-    top = functools.reduce(torch.maximum, [lse for _, lse in parts])
-    weights = [(lse - top).exp() for _, lse in parts]
-    total = functools.reduce(torch.add, weights)
-    out = parts[0][0].float() * (weights[0] / total)[..., None]
-    for (o, _), w in zip(parts[1:], weights[1:]):
-        out = out.addcmul_(o.float(), (w / total)[..., None])
-    out = out.to(parts[0][0].dtype)
-    return (out, top + total.log()) if with_lse else out
