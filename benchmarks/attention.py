@@ -122,7 +122,7 @@ def forward_section(method, length=8192):
     model, stock_model = model_for_bench(), model_for_bench()
     x = torch.randint(0, 512, (1, length))
     llama_ctx.patch(model, method, **METHODS[method])
-    stock, ours = side_by_side([lambda: stock_model(x), lambda: model(x)], rounds=2)
+    stock, ours = side_by_side([lambda: stock_model(x), lambda: model(x)], rounds=4)
     print(f"{method:13s} forward {length // 1024}K: {ours:6.2f}s vs stock SDPA {stock:6.2f}s -> {ours / stock:.2f}x")
     mine, sdpa = peak_bytes(method, length), peak_bytes("stock", length)
     if method in ("rerope", "leaky-rerope", "self-extend"):
