@@ -164,9 +164,12 @@ def test_a_fixed_offset_branch_runs_as_one_shifted_causal_call(method, monkeypat
     llama_ctx.patch(model, method, **p)
     full, cache = logits(model, x), DynamicCache()
     shifts.clear()
+    checks, rows = [], engine._causal_rows
+    monkeypatch.setattr(engine, "_causal_rows", lambda *a: checks.append(a[1:]) or rows(*a))
     got = [logits(model, x[:, a:b], **cache_kwargs(cache), use_cache=True, position_ids=torch.arange(a, b)[None])
            for a, b in [(0, 30), (30, 100)]]
     assert shifts == [-p["window"]] * layers + [30 - p["window"]] * layers
+    assert checks == [(30, 70)]  # the continuation's causal mask is read once, not once per layer
     torch.testing.assert_close(torch.cat(got, dim=1), full, atol=1e-5, rtol=0)
 
 
@@ -174,14 +177,20 @@ def test_only_a_plain_causal_mask_counts_as_no_mask():
     # the whole-call path ignores the mask, so it must be taken only where the mask hides nothing beyond causality
     past, L = 5, 7
     causal = torch.arange(past + L)[None, :] <= torch.arange(past, past + L)[:, None]
-    assert engine._plain_causal(None, past, L) and engine._plain_causal(causal[None, None], past, L)
+    assert engine._plain_causal(None, past, L, 0) and engine._plain_causal(causal[None, None], past, L, 0)
     padded = causal.clone()
     padded[:, 0] = False  # a padding key
     moved = causal.clone()
     moved[3, 1], moved[3, past + 4] = False, True  # as many keys as the causal row, one of them in the future
     floats = torch.where(causal, 0.0, torch.finfo(torch.float32).min)
-    for mask in (padded, moved, floats):
-        assert not engine._plain_causal(mask[None, None], past, L)
+    one_row = causal[-1:]  # broadcast over the queries: every query sees every key
+    for mask in (padded, moved, floats, one_row):
+        assert not engine._plain_causal(mask[None, None], past, L, 0)
+    # the next layer reuses the answer for the same mask object only; a new mask of the same shape is read again
+    mask = causal[None, None].clone()
+    assert engine._plain_causal(mask, past, L, 0) and engine._plain_causal(mask, past, L, 1)
+    assert not engine._plain_causal(moved[None, None].clone(), past, L, 2)
+    assert not engine._plain_causal(padded[None, None], past, L, 1)
 
 
 @pytest.mark.parametrize("method,p,most", [("rerope", dict(window=16), 16), ("self-extend", CASES["self-extend"], 16),

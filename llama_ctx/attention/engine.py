@@ -44,6 +44,7 @@ the backward pass recomputes a chunk's scores instead of keeping L x L of them.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -195,6 +196,7 @@ def positional_attention(attn, scheme: Scheme, rotary, hidden_states, attention_
     T = k.shape[2]
     before = torch.arange(past, 0, -1, device=pos.device, dtype=pos.dtype)
     pos_k = torch.cat([pos[:, :1] - before, pos], dim=1)  # (B, T) positions of all keys
+    given_mask = attention_mask  # the object every layer gets (the slice below is a new one per layer)
     if attention_mask is not None:
         attention_mask = attention_mask[..., :T]
 
@@ -236,7 +238,7 @@ def positional_attention(attn, scheme: Scheme, rotary, hidden_states, attention_
     # kernel skips the hidden blocks itself, where per-chunk calls would re-read the keys every chunk.
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     whole = {}
-    if L >= CHUNK and kernels.use_flash(q, needs_grad) and _plain_causal(attention_mask, past, L):
+    if L >= CHUNK and kernels.use_flash(q, needs_grad) and _plain_causal(given_mask, past, L, attn.layer_idx):
         for n, (plan, qb, kb, first) in enumerate(plans):
             if plan.offset is not None and first == 0:
                 whole[n] = kernels.shifted_causal(qb, kb, v, past + plan.offset, attn.scaling)
@@ -262,22 +264,37 @@ def positional_attention(attn, scheme: Scheme, rotary, hidden_states, attention_
     return attn.o_proj(out.transpose(1, 2).reshape(B, L, -1))
 
 
-def _plain_causal(attention_mask, past: int, L: int) -> bool:
-    """Whether `attention_mask` hides nothing beyond causality: None, or a bool mask under which query r sees exactly
-    keys [0, past + r] (what transformers passes for an unpadded call that continues a cache). Read CHUNK rows at a
-    time (no L x T temporaries): a row sees exactly that prefix iff it sees past + r + 1 keys whose indices sum to
-    the prefix's sum, the smallest any set of that many keys can have."""
+def _plain_causal(attention_mask, past: int, L: int, layer: int) -> bool:
+    """Whether `attention_mask` hides nothing beyond causality: None, or a bool mask (B or 1, 1, L, >= past + L) under
+    which query r sees exactly keys [0, past + r] (what transformers passes for an unpadded call that continues a
+    cache). Compared CHUNK rows at a time (no L x T temporary), once per forward: layer `layer` reuses the answer
+    of layer `layer - 1` for the same mask object."""
+    global _causal_seen
     if attention_mask is None:
         return True
-    if attention_mask.dtype != torch.bool or attention_mask.dim() != 4 or attention_mask.shape[1] != 1:
+    if (attention_mask.dtype != torch.bool or attention_mask.dim() != 4 or attention_mask.shape[1] != 1
+            or attention_mask.shape[2] != L or attention_mask.shape[3] < past + L):
         return False
-    index = torch.arange(past + L, device=attention_mask.device)
+    ref, seen = _causal_seen
+    if ref() is attention_mask and seen == (past, L, layer - 1):
+        _causal_seen = ref, (past, L, layer)
+        return True
+    if not _causal_rows(attention_mask, past, L):
+        return False
+    _causal_seen = weakref.ref(attention_mask), (past, L, layer)
+    return True
+
+
+def _causal_rows(attention_mask, past: int, L: int) -> bool:
+    keys = torch.arange(past + L, device=attention_mask.device)
     for a in range(0, L, CHUNK):
         rows = attention_mask[:, 0, a:a + CHUNK, :past + L]
-        n = index[past + a:past + a + rows.shape[1]] + 1  # keys each row must see
-        if not (bool((rows.sum(-1) == n).all()) and bool(((rows * index).sum(-1) == n * (n - 1) // 2).all())):
+        if not bool((rows == (keys <= keys[past + a:past + a + rows.shape[1], None])).all()):
             return False
     return True
+
+
+_causal_seen = (lambda: None), None  # (weak reference to the last mask found plain causal, (past, L, layer))
 
 
 def _positions_from_padding(attention_mask, past: int, L: int, fill_in: torch.Tensor) -> torch.Tensor:
