@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from llama_ctx.eval.sweep import EQUAL_INSIDE
+
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 CACHE = RESULTS / "long_context_quality"
@@ -47,9 +49,8 @@ METHODS = ("stock@window,rerope:window=2048,dca,lambda,yarn:factor=4,self-extend
 # Looking for the goal at 16K: the two methods equal (Λ) or nearly equal (DCA) to stock inside the window, and ReRoPE
 # with its window at T (exact inside the window, every farther key at distance T - 1).
 SEARCH = "lambda,dca,rerope:window=8191"
-# nats: |mean loss inside the window - stock's| below this counts as "equal to stock inside the window". Methods that
-# change only distances >= T/2 move it by ~0.0004; the T/4 rules by ~0.005, which is visible in the 4K buckets.
-EQUAL_INSIDE = 0.001
+# |mean loss inside the window - stock's| below EQUAL_INSIDE nats counts as "equal to stock inside the window", as in
+# `llama-ctx sweep`'s goal column. Methods that change only distances >= T/2 move it by ~0.0004; the T/4 rules by ~0.005.
 
 
 def applied(model, label: str):

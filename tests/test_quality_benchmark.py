@@ -33,3 +33,4 @@ def test_goal_needs_every_bucket_past_the_window_and_equality_inside_and_ranks_f
     # the goal row first although two others have a lower loss past the window; the yardstick is never ranked
     assert lcq.best(list(rows.values()), 3) == ["equal-inside-below-past", "lowest-but-one-bucket-above",
                                                 "below-past-but-not-equal-inside"]
+

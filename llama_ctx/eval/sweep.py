@@ -4,7 +4,9 @@ Each candidate is evaluated like `perplexity(model, text[:target], [target])`; c
 loss of the tokens at positions >= the trained window (where methods differ; inside it a good method should
 match the stock model, which `loss_within` shows). The grid of each method is derived from r = target / trained
 window (T) and lives in `GRID`, the one place to edit it. Beside stock, `stock@window` (the stock model scoring the
-same tokens with at most T tokens of context) is ranked too: a candidate above it used the long context.
+same tokens with at most T tokens of context) is ranked too: a candidate below it used the long context. `goal`
+marks the candidates that are at or below it in every bucket past T while within `EQUAL_INSIDE` nats of the stock
+model inside T: long context that helps without changing what the model does inside its window.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from ..errors import ConfigError, LlamaCtxError
 from .perplexity import PerplexityResult, as_token_ids, bucket_edges, check_enough, perplexity, trained_window
 from .results import Result, line_style
 from .specs import STOCK, STOCK_WINDOW, MethodSpec, parse_method_spec
+
+
+EQUAL_INSIDE = 0.001  # nats: a candidate's loss inside the window this close to stock's counts as equal
 
 
 def _factors(r: float, T: int, L: int) -> list[dict]:
@@ -112,7 +117,9 @@ class SweepResult(Result):
     ranking: one dict per candidate, best first: rank, method, params (a composition: method "yarn+dca", params
         {"yarn": {...}, "dca": {...}}), label, ppl, loss_within, loss_beyond,
         delta_vs_window (loss_beyond minus stock@window's: negative = the long context helped; NaN without that
-        row), delta_vs_stock (loss_beyond minus stock's), bucket_loss, patch (the call that applies it), error.
+        row), delta_vs_stock (loss_beyond minus stock's), bucket_loss, patch (the call that applies it), error,
+        goal (at or below stock@window in every bucket past the window and loss_within within EQUAL_INSIDE of
+        stock's; None for stock, stock@window, errors, or without those rows).
     """
 
     target: int
@@ -141,23 +148,29 @@ class SweepResult(Result):
                            for name in (STOCK, STOCK_WINDOW))
         rows.sort(key=lambda x: (math.isnan(x["loss_beyond"]), x["loss_beyond"]))
         for i, x in enumerate(rows, 1):
-            x.update(rank=i, delta_vs_window=x["loss_beyond"] - windowed, delta_vs_stock=x["loss_beyond"] - stock)
+            x.update(rank=i, delta_vs_window=x["loss_beyond"] - windowed, delta_vs_stock=x["loss_beyond"] - stock,
+                     goal=_goal(x, rows, window))
         return cls(target, window, rows)
+
+    @property
+    def goal(self) -> list[dict]:
+        """The candidates that meet the goal (see the module docstring), best first."""
+        return [x for x in self.ranking if x.get("goal")]
 
     @property
     def best(self) -> dict:
         return self.ranking[0]
 
     def rows(self) -> list[dict]:
-        keys = ("rank", "label", "ppl", "loss_within", "loss_beyond", "delta_vs_window", "delta_vs_stock", "patch",
-                "error")
+        keys = ("rank", "label", "ppl", "loss_within", "loss_beyond", "goal", "delta_vs_window", "delta_vs_stock",
+                "patch", "error")
         return [{k: x[k] for k in keys} for x in self.ranking]
 
     @classmethod
     def _from_dict(cls, d: dict) -> "SweepResult":
         nan = lambda v: float("nan") if v is None else v  # noqa: E731
         rows = [{k: nan(v) if k in ("ppl", "loss_within", "loss_beyond", "delta_vs_window", "delta_vs_stock") else v
-                 for k, v in {"delta_vs_window": None, **x}.items()} for x in d["ranking"]]  # None: older files
+                 for k, v in {"delta_vs_window": None, "goal": None, **x}.items()} for x in d["ranking"]]  # older files
         return cls(d["target"], d["trained_window"], rows)
 
     def table(self) -> str:
@@ -165,14 +178,18 @@ class SweepResult(Result):
         width = max(len(x["label"]) for x in self.ranking)
         lines = [f"sweep at {self.target} tokens (trained window {self.trained_window}); ranked by mean loss at "
                  f"positions >= {self.trained_window}",
-                 f"{'rank':>4}  {'method':<{width}}  {'ppl':>9}  {'loss<T':>7}  {'loss>=T':>7}  {'vs window':>9}  "
-                 f"{'vs stock':>8}"]
+                 f"{'rank':>4}  {'method':<{width}}  {'ppl':>9}  {'loss<T':>7}  {'loss>=T':>7}  {'goal':>4}  "
+                 f"{'vs window':>9}  {'vs stock':>8}"]
+        yes = {True: "yes", False: "no", None: "-"}
         for x in self.ranking:
             if x["error"]:
                 lines.append(f"{x['rank']:>4}  {x['label']:<{width}}  error: {x['error']}")
             else:
                 lines.append(f"{x['rank']:>4}  {x['label']:<{width}}  {x['ppl']:>9.3f}  {x['loss_within']:>7.3f}  "
-                             f"{x['loss_beyond']:>7.3f}  {x['delta_vs_window']:>+9.3f}  {x['delta_vs_stock']:>+8.3f}")
+                             f"{x['loss_beyond']:>7.3f}  {yes[x.get('goal')]:>4}  {x['delta_vs_window']:>+9.3f}  "
+                             f"{x['delta_vs_stock']:>+8.3f}")
+        lines.append(f"goal (at or below {STOCK_WINDOW} in every bucket past {self.trained_window}, loss<T within "
+                     f"{EQUAL_INSIDE} of stock): " + (", ".join(x["label"] for x in self.goal) or "none"))
         lines.append(f"best: {self.best['patch']}")
         return "\n".join(lines)
 
@@ -188,6 +205,16 @@ class SweepResult(Result):
         ax.set_ylabel("mean loss (nats / token)")
         ax.set_title(f"sweep at {self.target} tokens (best 8)")
         ax.legend(fontsize=7)
+
+
+def _goal(x: dict, rows: list[dict], window: int) -> bool | None:
+    """Whether candidate `x` meets the goal; None where it cannot be told (see SweepResult)."""
+    ref = {r["method"]: r for r in rows if r["method"] in (STOCK, STOCK_WINDOW) and not r["error"]}
+    if x["error"] or x["method"] in (STOCK, STOCK_WINDOW) or len(ref) < 2:
+        return None
+    past = [(v, b) for (s, _, v), (_, _, b) in zip(x["bucket_loss"], ref[STOCK_WINDOW]["bucket_loss"]) if s >= window]
+    inside = abs(x["loss_within"] - ref[STOCK]["loss_within"]) < EQUAL_INSIDE
+    return bool(past) and all(v <= b for v, b in past) and inside
 
 
 def sweep(model, token_ids, target: int, methods=None, buckets=None, progress: bool = False) -> SweepResult:
