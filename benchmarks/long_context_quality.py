@@ -387,13 +387,19 @@ def write_report(args, caches, labels, search, length, search_length, window, wi
 def plot(rows: list[dict], cells: list[dict], window: int, length: int, path: Path) -> None:
     from llama_ctx.eval.results import new_figure, save_figure
 
-    fig, ax = new_figure(figsize=(9, 5))
+    import matplotlib.pyplot as plt
+
+    fig, ax = new_figure(figsize=(11.5, 5))
     top = [x for r in rows if r["label"] != "stock" for _, _, x, _ in r["buckets"]]
-    for r in rows:
+    colors, markers = plt.get_cmap("tab20").colors, "osv^DPX*<>ph"
+    for i, r in enumerate(rows):
         base = r["label"] == WINDOWED
+        # a colour and a marker per row (a dozen rows outrun the default cycle); the goal rows drawn thick
+        style = (dict(color="k", ls="--", lw=2.5, marker="o") if base else
+                 dict(color=colors[(2 * i) % 20 + (i // 10) % 2], marker=markers[i % len(markers)],
+                      lw=2.4 if r["goal"] else 1.2))
         ax.plot([(s + e) / 2 for s, e, _, _ in r["buckets"]], [x for _, _, x, _ in r["buckets"]],
-                marker="o", color="k" if base else None, ls="--" if base else "-", lw=2.5 if base else 1.3,
-                label=r["label"] + (" (yardstick)" if base else ""))
+                label=r["label"] + (" (yardstick)" if base else " (goal)" if r["goal"] else ""), **style)
     if top:
         ax.set_ylim(min(top) - 0.1, max(top) + 0.3)
     stock = next((r for r in rows if r["label"] == "stock"), None)
@@ -410,7 +416,7 @@ def plot(rows: list[dict], cells: list[dict], window: int, length: int, path: Pa
                      for lab, d in acc.items())
     ax.set_title(f"SmolLM2-135M at {length} tokens, Python docs" + (f"\npasskey: {note}" if note else ""),
                  fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     save_figure(fig, path)
 
 
