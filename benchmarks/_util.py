@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmark scripts: a small random LLaMA and interleaved best-of-N timing."""
+"""Shared helpers for the benchmark scripts: a small random LLaMA, interleaved best-of-N timing, the tiny training
+loop of the extrapolation studies and peak-RSS measurement."""
 
 from __future__ import annotations
 
@@ -49,3 +50,27 @@ def peak_rss_growth(fn) -> int:
     base = _status_bytes("VmRSS")
     fn()
     return _status_bytes("VmHWM") - base
+
+
+def train_slices(model, data: torch.Tensor, steps: int, batch: int, window: int, lr: float, high: int,
+                 generator: torch.Generator | None = None, indent: str = "") -> list[float]:
+    """AdamW (weight decay 0.1, betas 0.9 / 0.95) with a one-cycle schedule on `batch` random `window`-token slices of
+    `data` per step, starting below `high` (drawn from `generator`, or torch's global generator); returns the losses.
+    The extrapolation studies' checkpoints were trained by exactly this loop: the same draws give the same model."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=max(0.05, 2 / steps))
+    model.train()
+    cpu0, losses = time.process_time(), []
+    for step in range(steps):
+        starts = torch.randint(0, high, (batch,), generator=generator)
+        x = torch.stack([data[s:s + window] for s in starts])
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 100 == 0 or step == steps - 1:
+            print(f"{indent}step {step:5d}  loss {losses[-1]:.3f}  cpu {time.process_time() - cpu0:6.1f}s", flush=True)
+    return losses

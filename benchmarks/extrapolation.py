@@ -13,14 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import sysconfig
-import time
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import llama_ctx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _util import train_slices  # noqa: E402
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -64,21 +67,7 @@ def train(steps: int, batch: int, path: Path, seed: int = 0, config: dict | None
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**(config or CONFIG)))
     data, _ = corpus()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=max(0.05, 2 / steps))
-    model.train()
-    t0 = time.time()
-    for step in range(steps):
-        starts = torch.randint(0, len(data) - window - 1, (batch,))
-        x = torch.stack([data[s:s + window] for s in starts])
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == steps - 1:
-            print(f"step {step:5d}  loss {loss.item():.3f}  {time.time() - t0:6.1f}s", flush=True)
+    train_slices(model, data, steps, batch, window, lr=2e-3, high=len(data) - window - 1)
     model.eval().save_pretrained(path)
     return model
 

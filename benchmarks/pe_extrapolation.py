@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +31,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import llama_ctx
 from llama_ctx.eval import perplexity
 from llama_ctx.eval.results import new_figure, save_figure, write_atomic
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _util import train_slices  # noqa: E402
 from llama_ctx.eval.text import builtin_long_text
 
 HERE = Path(__file__).parent
@@ -100,24 +104,10 @@ def train(model, data: torch.Tensor, args) -> tuple[float, float]:
     """AdamW + one-cycle schedule on random WINDOW-byte slices, identical batches for every encoding.
     Returns (final training loss averaged over the last 10% of steps, CPU seconds)."""
     gen = torch.Generator().manual_seed(args.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps,
-                                                pct_start=max(0.05, 2 / args.steps))
-    model.train()
-    cpu0, tail = time.process_time(), []
-    for step in range(args.steps):
-        starts = torch.randint(0, len(data) - WINDOW, (args.batch,), generator=gen)
-        x = torch.stack([data[s:s + WINDOW] for s in starts])
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step >= args.steps - max(1, args.steps // 10):
-            tail.append(loss.item())
-        if step % 100 == 0 or step == args.steps - 1:
-            print(f"  step {step:4d}  loss {loss.item():.3f}  cpu {time.process_time() - cpu0:6.1f}s", flush=True)
+    cpu0 = time.process_time()
+    losses = train_slices(model, data, args.steps, args.batch, WINDOW, args.lr, high=len(data) - WINDOW, generator=gen,
+                          indent="  ")
+    tail = losses[-max(1, args.steps // 10):]
     model.eval()
     return sum(tail) / len(tail), time.process_time() - cpu0
 

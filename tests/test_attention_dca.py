@@ -8,7 +8,8 @@ from llama_ctx import ConfigError, LlamaCtxError
 from llama_ctx.attention import engine
 from llama_ctx.reference.dca import dca_positions, dca_reference
 from conftest import clone_with, ids, logits, tiny_model
-from test_attention_positional import default_inv_freq, left_padded
+from test_attention_positional import (assert_padded_generate_equals_rows, assert_patched_matches, default_inv_freq,
+                                      left_padded)
 
 P = dict(chunk_size=24, local_window=6)  # chunks of 18 positions in a model trained on 64
 GEN = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
@@ -21,17 +22,10 @@ def run(model, x, **kw):
 
 
 def assert_matches_reference(model, x, p=P, inv_freq=None, scaling=1.0, **kw):
-    got_h, got = run(model, x, **kw)
-    llama_ctx.unpatch(model)
-    key_real = kw.get("attention_mask", torch.ones_like(x)).bool()
-    with dca_reference(model, p["chunk_size"], p["local_window"], key_real,
-                       default_inv_freq() if inv_freq is None else inv_freq, scaling):
-        want_h, want = run(model, x, position_ids=kw.get("position_ids", torch.arange(x.shape[1])[None]),
-                           attention_mask=kw.get("attention_mask"))
-    real = key_real[..., None]
-    torch.testing.assert_close(got_h * real, want_h * real, atol=1e-5, rtol=0)
-    torch.testing.assert_close(got * real, want * real, atol=1e-5, rtol=0)
-    return got
+    inv_freq = default_inv_freq() if inv_freq is None else inv_freq
+    return assert_patched_matches(
+        model, x, lambda real: dca_reference(model, p["chunk_size"], p["local_window"], real, inv_freq, scaling),
+        **kw)[1]
 
 
 def test_reference_positions_by_hand():
@@ -100,11 +94,7 @@ def test_left_padding_matches_single_rows(impl, monkeypatch):
     if impl == "eager":
         return
     llama_ctx.patch(model, "dca", **P)
-    out = model.generate(x, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, **GEN)
-    for b, r in enumerate(rows):
-        single = model.generate(r[None], max_new_tokens=8, min_new_tokens=8, **GEN)
-        assert torch.equal(out.sequences[b, x.shape[1]:], single.sequences[0, len(r):])
-        torch.testing.assert_close(torch.stack(out.logits)[:, b], torch.stack(single.logits)[:, 0], atol=1e-4, rtol=0)
+    assert_padded_generate_equals_rows(model, rows)
 
 
 @pytest.mark.parametrize("order", ["yarn first", "dca first"])

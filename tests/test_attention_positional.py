@@ -31,18 +31,27 @@ def run(model, x, **kw):
     return out.hidden_states[-1], out.logits
 
 
-def assert_matches_reference(model, method, p, x, inv_freq=None, scaling=1.0, **kw):
+def assert_patched_matches(model, x, reference, **kw):
+    """The patched model's last hidden states and logits on `x` equal those of the unpatched model inside
+    `reference(key_real)` (a context manager computing the dense reference) at every real token; returns the patch
+    state and the patched logits."""
     got_h, got = run(model, x, **kw)
     state = llama_ctx.state(model)
     llama_ctx.unpatch(model)
     key_real = kw.get("attention_mask", torch.ones_like(x)).bool()
-    with dense_reference(model, method, p, key_real, default_inv_freq() if inv_freq is None else inv_freq, scaling):
+    with reference(key_real):
         want_h, want = run(model, x, position_ids=kw.get("position_ids", torch.arange(x.shape[1])[None]),
                            attention_mask=kw.get("attention_mask"))
     real = key_real[..., None]
     torch.testing.assert_close(got_h * real, want_h * real, atol=1e-5, rtol=0)
     torch.testing.assert_close(got * real, want * real, atol=1e-5, rtol=0)
-    return state
+    return state, got
+
+
+def assert_matches_reference(model, method, p, x, inv_freq=None, scaling=1.0, **kw):
+    inv_freq = default_inv_freq() if inv_freq is None else inv_freq
+    return assert_patched_matches(
+        model, x, lambda real: dense_reference(model, method, p, real, inv_freq, scaling), **kw)[0]
 
 
 @pytest.mark.parametrize("chunk", [engine.CHUNK, 48])  # 48: several chunks, so pure-outer / band / inner tiles
@@ -107,6 +116,17 @@ def left_padded(rows):
     return x, mask
 
 
+def assert_padded_generate_equals_rows(model, rows, new=8):
+    """`generate` on the left-padded batch of `rows` gives each row's own tokens and logits."""
+    x, mask = left_padded(rows)
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    out = model.generate(x, attention_mask=mask, **kw)
+    for b, r in enumerate(rows):
+        single = model.generate(r[None], **kw)
+        assert torch.equal(out.sequences[b, x.shape[1]:], single.sequences[0, len(r):])
+        torch.testing.assert_close(torch.stack(out.logits)[:, b], torch.stack(single.logits)[:, 0], atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("method", list(CASES))
 def test_left_padding_matches_single_rows(method, impl, monkeypatch):
@@ -125,13 +145,7 @@ def test_left_padding_matches_single_rows(method, impl, monkeypatch):
     if impl == "eager":
         return  # generation with padding: once per method is enough
     llama_ctx.patch(model, method, **CASES[method])
-    out = model.generate(x, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True)
-    for b, r in enumerate(rows):
-        single = model.generate(r[None], max_new_tokens=8, min_new_tokens=8, do_sample=False, output_logits=True,
-                                return_dict_in_generate=True)
-        assert torch.equal(out.sequences[b, x.shape[1]:], single.sequences[0, len(r):])
-        torch.testing.assert_close(torch.stack(out.logits)[:, b], torch.stack(single.logits)[:, 0], atol=1e-4, rtol=0)
+    assert_padded_generate_equals_rows(model, rows)
 
 
 @pytest.mark.parametrize("order", ["yarn first", "rerope first"])
