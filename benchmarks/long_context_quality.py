@@ -220,7 +220,10 @@ def main(argv=None) -> None:
     ap.add_argument("--passkey-dtype", default="float32", choices=("float32", "bfloat16"),
                     help="passkey on a copy of the model in this dtype (bfloat16: 1.2x faster on this CPU at 16K, "
                     "and it changes some greedy outputs)")
-    ap.add_argument("--best", type=int, default=3, help="passkey for this many configurations (lowest loss past T)")
+    ap.add_argument("--best", type=int, default=3, help="passkey for this many configurations (goal, then lowest "
+                                                         "loss past T)")
+    ap.add_argument("--passkey-also", default="", help="comma-separated --methods configurations to run passkey for "
+                                                      "after the best ones")
     ap.add_argument("--run", choices=("all", "search"), default="all",
                     help="search: only the --search configurations (and passkey unless --no-passkey)")
     ap.add_argument("--report", action="store_true", help="only write the table and PNG from the cache")
@@ -232,8 +235,11 @@ def main(argv=None) -> None:
     search = [t.strip() for t in args.search.split(",") if t.strip()]
     search_length, stride = parse_length(args.search_length), parse_length(args.context_stride)
     pk_lengths, depths = parse_lengths(args.passkey_lengths), parse_depths(args.depths)
+    also = [t.strip() for t in args.passkey_also.split(",") if t.strip()]
     for label in labels + search:
         parse_method_spec(label)  # a bad spec fails before the model loads
+    if unknown := [x for x in also if x not in labels]:
+        sys.exit(f"--passkey-also: {', '.join(unknown)} not among --methods (their losses rank them)")
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -283,8 +289,9 @@ def main(argv=None) -> None:
     pk_model = model if dtype == model.dtype else copy.deepcopy(model).to(dtype)  # the loss runs stay float32
     # first the reference: the stock model inside its window, what the prompt format allows at each depth
     run_passkey(pk_model, tokenizer, caches[length], "stock", [window], depths, args.trials, args.seed, log)
+    ranked = best(rows, args.best)
     for n in pk_lengths:  # every configuration at the shorter length first
-        for label in best(rows, args.best):
+        for label in ranked + [x for x in also if x not in ranked]:
             run_passkey(pk_model, tokenizer, caches[length], label, [n], depths, args.trials, args.seed, log)
             write_report(args, caches, labels, search, length, search_length, window, width, stride, pk_lengths,
                          depths, log)
@@ -336,7 +343,7 @@ def write_report(args, caches, labels, search, length, search_length, window, wi
                                                              args.passkey_dtype)]
     pk_missing = [f"{lab} @ {n} depth {d}" for lab, n in pk_runs for d in depths
                   if caches[length].passkey(lab, n, d, args.trials, args.seed, args.passkey_dtype) is None]
-    # cells of configurations that were among the best before a later row displaced them: shown, not run further
+    # cells of the other configurations (--passkey-also, or among the best before a later row displaced them)
     earlier = [c for lab in labels if lab not in ranked for n in pk_lengths
                for c in passkey_cells(caches[length], [lab], [n], depths, args.trials, args.seed, args.passkey_dtype)]
     text = (f"`llama_ctx.eval.text.builtin_long_text` (Python {platform.python_version()}'s `pydoc_data.topics`, "
@@ -367,7 +374,7 @@ def write_report(args, caches, labels, search, length, search_length, window, wi
         md += ["| configuration | length | depth | correct | outputs |", "|---|---:|---:|---:|---|"]
         md += [passkey_row(c) for c in cells] + [""]
     if earlier:
-        md += ["Measured earlier, for configurations no longer among the best:", "",
+        md += ["Other configurations (`--passkey-also`, or among the best in an earlier run):", "",
                "| configuration | length | depth | correct | outputs |", "|---|---:|---:|---:|---|",
                *map(passkey_row, earlier), ""]
     if pk_missing:
