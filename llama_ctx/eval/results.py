@@ -96,13 +96,13 @@ def line_style(label: str) -> dict:
     return dict(marker="o", lw=2.5 if label == STOCK else 1.3)
 
 
-def new_figure(figsize=(7.5, 4.5)):
+def new_figure(figsize=(7.5, 4.5), **subplots):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=figsize)
+    return plt.subplots(figsize=figsize, **subplots)
 
 
 def save_figure(fig, path) -> Path:
