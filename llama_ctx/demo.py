@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -23,9 +24,18 @@ from pathlib import Path
 # (windows of 8K every 1K, the default context_stride); `--methods all` runs every registered method. The
 # position-rewriting methods are the configurations that meet the loss goal at 32K (benchmarks/long_context_quality.py:
 # window T/2; they cover 14K too): the smallest factor / group size covering 14K (2.5 / 3) moved the loss inside
-# the window, at 6-8K, by +0.06 / +0.04 nats. PI without fine-tuning shows what it costs.
-DEFAULT_METHODS = ("stock,pi:factor=2,yarn:factor=2,rerope:window=4096,leaky-rerope:window=4096:factor=7,"
-                   "self-extend:group_size=7:window=4096,dca:chunk_size=6144:local_window=2048")
+# the window, at 6-8K, by +0.06 / +0.04 nats. PI without fine-tuning shows what it costs. Relative to the trained
+# window T (SmolLM2: window 4096, factor and group size 7, chunk 6144, local window 2048), so `--model` works too.
+DEFAULT_METHODS = ("stock,pi:factor=2,yarn:factor=2,rerope:window={half},leaky-rerope:window={half}:factor={factor},"
+                   "self-extend:group_size={group}:window={half},dca:chunk_size={chunk}:local_window={quarter}")
+
+
+def default_methods(T: int, length: int) -> str:
+    """DEFAULT_METHODS for trained window T; factor and group size 7, or larger where 7 does not cover `length`."""
+    w = T // 2
+    return DEFAULT_METHODS.format(half=w, quarter=T // 4, chunk=3 * T // 4,
+                                  factor=max(7, math.ceil((length - w) / (T - 1 - w))),
+                                  group=max(7, math.ceil((length - w) / (T - w))))
 DEFAULT_LENGTH = 14336
 DEFAULT_BUCKET = 2048
 
@@ -36,9 +46,10 @@ def add_parser(sub) -> None:
     p.add_argument("--gguf-file", default=None)
     p.add_argument("--length", default=str(DEFAULT_LENGTH), help="tokens in the evaluated window (e.g. 12k, 32k)")
     p.add_argument("--bucket", type=int, default=DEFAULT_BUCKET, help="position bucket width in tokens")
-    p.add_argument("--methods", default=DEFAULT_METHODS,
+    p.add_argument("--methods", default=None,
                    help="comma-separated method specs ('stock' = no patch), or 'all': every method, parameters "
-                        "from the sweep grid for this length")
+                        "from the sweep grid for this length (default: stock, PI and YaRN x2, and ReRoPE, Leaky "
+                        "ReRoPE, Self-Extend with window T/2 and DCA with chunk 3T/4, local window T/4)")
     p.add_argument("--no-window-baseline", action="store_true",
                    help="do not add stock@window beside stock (the stock model through windows of its trained length)")
     p.add_argument("--text", default=None, help="text file or folder (default: Python's own documentation)")
@@ -57,16 +68,22 @@ def run(args: argparse.Namespace) -> None:
     from .registry import methods
 
     length = parse_length(args.length)
-    specs = None if args.methods == "all" else parse_methods(args.methods)  # validate before the slow load
+    # validate before the slow load
+    specs = None if args.methods in (None, "all") else parse_methods(args.methods)
     print("loading model ...", flush=True)
     model, tokenizer = load(args.model, args.gguf_file)
     window = trained_window(model)
-    if specs is None:
+    if args.methods is None:
+        specs = parse_methods(default_methods(window, length))
+    elif specs is None:
         first: dict = {}
         for spec in candidates(model, length):  # stock, then each method's grid: keep its first point
             first.setdefault(spec.name, spec)
         specs = list(first.values())
     specs = [s for s in specs if s.name != STOCK_WINDOW] if args.no_window_baseline else with_window_baseline(specs)
+    for spec in specs:  # parameters this model refuses fail now, not after minutes of other methods' forwards
+        with spec.applied(model):
+            pass
     text = load_text(args.text) if args.text else builtin_long_text(min_chars=8 * length)
     ids = tokenizer(text, return_tensors="pt").input_ids[0, :length]
     print(f"{type(model).__name__}, trained window {window}; evaluating one window of {len(ids)} tokens, "
@@ -156,11 +173,13 @@ def plot(curves: dict, window: int, path: Path) -> None:
     if base:
         dx = axes[1][0]
         diffs = {label: [x - b for (_, _, x), (_, _, b) in zip(rows, base)] for label, rows in curves.items()}
-        near = [d for v in diffs.values() if max(map(abs, v)) < 0.25 for d in v]
+        finite = {label: [d for d in v if math.isfinite(d)] for label, v in diffs.items()}
+        near = [d for v in finite.values() if v and max(map(abs, v)) < 0.25 for d in v]
         for label, rows in curves.items():
             dx.plot([(s + e) / 2 for s, e, _ in rows], diffs[label], label=label, **line_style(label))
         dx.axvline(window, color="k", ls="--", lw=1)
-        dx.set_ylim(min(near) - 0.01, max(near) + 0.01)
+        if near:  # else matplotlib's own limits
+            dx.set_ylim(min(near) - 0.01, max(near) + 0.01)
         dx.set_ylabel(f"loss − {STOCK_WINDOW}")
         dx.set_title(f"minus {STOCK_WINDOW}: below 0 past the window, the long context helped", fontsize=9)
         ax = dx

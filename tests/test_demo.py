@@ -81,3 +81,37 @@ def test_demo_command_on_a_tiny_model(tmp_path, capsys):
     assert (tmp_path / "a" / "demo.png").stat().st_size > 1000
     assert main([str(a) for a in [*args, "--out", tmp_path / "b", "--no-window-baseline"]]) == 0
     assert list(json.loads((tmp_path / "b" / "demo.json").read_text())["bucket_loss"]) == ["stock", "pi:factor=2"]
+
+
+def test_demo_defaults_follow_the_trained_window_and_bad_parameters_fail_before_any_forward(tmp_path, monkeypatch,
+                                                                                            capsys):
+    from llama_ctx import demo
+
+    # SmolLM2 (T = 8192) at 14K: the configurations measured in the README; a shorter window scales them
+    assert demo.default_methods(8192, 14336) == (
+        "stock,pi:factor=2,yarn:factor=2,rerope:window=4096,leaky-rerope:window=4096:factor=7,"
+        "self-extend:group_size=7:window=4096,dca:chunk_size=6144:local_window=2048")
+    T, length = 64, 1000  # factor / group size grow past 7 where 7 would not cover the length
+    specs = {s.name: s.params for s in parse_methods(demo.default_methods(T, length))}
+    w, f, g = specs["leaky-rerope"]["window"], specs["leaky-rerope"]["factor"], specs["self-extend"]["group_size"]
+    assert w == 32 and w + (length - w) / f <= T - 1 and (T - w) * g + w >= length
+    assert specs["dca"] == {"chunk_size": 48, "local_window": 16}
+
+    path = tmp_path / "tiny"
+    tiny_model().save_pretrained(path)  # trained window 64
+    char_tokenizer().save_pretrained(path)
+    (tmp_path / "book.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    base = ["demo", "--model", path, "--text", tmp_path / "book.txt", "--length", "128", "--bucket", "1"]
+    # the defaults on this model, and a first bucket that is NaN in every curve (position 0 has no loss): a plot
+    assert main([str(a) for a in [*base, "--out", tmp_path / "a"]]) == 0
+    saved = json.loads((tmp_path / "a" / "demo.json").read_text())
+    assert list(saved["bucket_loss"])[-1] == "dca:chunk_size=48:local_window=16"
+    assert (tmp_path / "a" / "demo.png").stat().st_size > 1000
+    forwards = []
+    monkeypatch.setattr(demo, "measure", lambda *a, **k: forwards.append(1))
+    capsys.readouterr()
+    # Self-Extend's window must be < T: refused at once, not after the other methods' forwards
+    assert main([str(a) for a in [*base, "--methods", "stock,pi:factor=2,self-extend:group_size=4:window=100",
+                                  "--out", tmp_path / "b"]]) == 2
+    assert "self-extend window must be < the trained window 64" in capsys.readouterr().err
+    assert forwards == [] and not (tmp_path / "b").exists()
