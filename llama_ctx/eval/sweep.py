@@ -46,8 +46,9 @@ GRID = {
     "llama3": _factors,
     "dynamic-ntk": _factors,
     "rerope": lambda r, T, L: [{"window": w, "log_scale": log} for w in _windows(T) for log in (True, False)],
-    # the smallest covering factor, and twice it: measured on SmolLM2 (T = 8K) at 14K, window T/2 with the covering
-    # factor 2.5 moved the loss at 6-8K by +0.06 nats, factor 7 by -0.0025 (a larger factor is closer to ReRoPE)
+    # the smallest covering factor, and twice it: a larger factor can keep the window intact (on SmolLM2, T = 8K, at
+    # 14K with window T/2, the covering factor 2.5 moved the loss at 6-8K by +0.06 nats, factor 7 by -0.0025: closer
+    # to ReRoPE)
     "leaky-rerope": lambda r, T, L: [{"window": w, "factor": f} for w in _windows(T)
                                      for f in (_cover(L, T, w), round(2 * _cover(L, T, w), 1))],
     # Self-Extend covers (T - window) * group_size + window positions: the smallest covering group_size, and twice it
