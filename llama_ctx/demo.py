@@ -60,6 +60,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
+    from .eval.cli import check_methods
     from .eval.perplexity import trained_window
     from .eval.specs import STOCK_WINDOW, parse_length, parse_methods, with_window_baseline
     from .eval.sweep import candidates
@@ -81,9 +82,7 @@ def run(args: argparse.Namespace) -> None:
             first.setdefault(spec.name, spec)
         specs = list(first.values())
     specs = [s for s in specs if s.name != STOCK_WINDOW] if args.no_window_baseline else with_window_baseline(specs)
-    for spec in specs:  # parameters this model refuses fail now, not after minutes of other methods' forwards
-        with spec.applied(model):
-            pass
+    check_methods(model, specs)  # parameters this model refuses fail now, not after minutes of other methods' forwards
     text = load_text(args.text) if args.text else builtin_long_text(min_chars=8 * length)
     ids = tokenizer(text, return_tensors="pt").input_ids[0, :length]
     print(f"{type(model).__name__}, trained window {window}; evaluating one window of {len(ids)} tokens, "
