@@ -28,16 +28,19 @@ from pathlib import Path
 # window T (SmolLM2: window 4096, factor and group size 7, chunk 6144, local window 2048), so `--model` works too.
 DEFAULT_METHODS = ("stock,pi:factor=2,yarn:factor=2,rerope:window={half},leaky-rerope:window={half}:factor={factor},"
                    "self-extend:group_size={group}:window={half},dca:chunk_size={chunk}:local_window={quarter}")
+DEFAULT_LENGTH = 14336
+DEFAULT_BUCKET = 2048
 
 
 def default_methods(T: int, length: int) -> str:
     """DEFAULT_METHODS for trained window T; factor and group size 7, or larger where 7 does not cover `length`."""
+    from .eval.sweep import covering_group_size
+
     w = T // 2
+    # Leaky ReRoPE: the farthest distance, length - 1, lands at most at T - 1 (docs/attention.md's rule)
     return DEFAULT_METHODS.format(half=w, quarter=T // 4, chunk=3 * T // 4,
                                   factor=max(7, math.ceil((length - w) / (T - 1 - w))),
-                                  group=max(7, math.ceil((length - w) / (T - w))))
-DEFAULT_LENGTH = 14336
-DEFAULT_BUCKET = 2048
+                                  group=max(7, covering_group_size(length, T, w)))
 
 
 def add_parser(sub) -> None:

@@ -35,6 +35,11 @@ def _cover(L: int, T: int, w: int) -> float:
     return max(math.ceil((L - w) / (T - w) * 10) / 10, 1.1)
 
 
+def covering_group_size(L: int, T: int, w: int) -> int:
+    # Self-Extend covers (T - window) * group_size + window positions
+    return math.ceil((L - w) / (T - w))
+
+
 def _windows(T: int) -> list[int]:
     return sorted({max(T // 4, 1), max(T // 2, 1)})
 
@@ -51,10 +56,9 @@ GRID = {
     # to ReRoPE)
     "leaky-rerope": lambda r, T, L: [{"window": w, "factor": f} for w in _windows(T)
                                      for f in (_cover(L, T, w), round(2 * _cover(L, T, w), 1))],
-    # Self-Extend covers (T - window) * group_size + window positions: the smallest covering group_size, and twice it
-    "self-extend": lambda r, T, L: [{"window": w, "group_size": g}
-                                    for w in _windows(T) for g in sorted({math.ceil((L - w) / (T - w)),
-                                                                          2 * math.ceil((L - w) / (T - w))})],
+    # Self-Extend: the smallest covering group_size, and twice it
+    "self-extend": lambda r, T, L: [{"window": w, "group_size": g} for w in _windows(T)
+                                    for g in (covering_group_size(L, T, w), 2 * covering_group_size(L, T, w))],
     "lambda": lambda r, T, L: [{"local_window": T}, {"local_window": max(T // 2, 1)}],
     # the paper's point (chunk 3T/4, local window T/16), a longer local window, shorter and longer chunks
     "dca": lambda r, T, L: [{"chunk_size": c, "local_window": w}
